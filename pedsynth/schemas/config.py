@@ -1,0 +1,158 @@
+"""Run configs: YAML files in ``configs/`` validated by pydantic.
+
+Errors name the bad key and the value it had, e.g.
+``configs/x.yaml: ingest.max_pixels = 'lots': Input should be a valid integer``.
+Stage sections that are absent (``None``) are skipped by the flow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SourceFormat = Literal["cuhk-pedes", "icfg-pedes", "rstpreid", "folder", "shards", "procedural"]
+SOURCE_FORMATS: tuple[str, ...] = SourceFormat.__args__  # type: ignore[attr-defined]
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the key and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    """One input dataset.
+
+    ``folder``: ``layout: per-identity`` takes each sub-folder as one identity;
+    ``per-image`` makes every image its own identity (LUPerson-style, unlabelled).
+    ``procedural``: the built-in synthetic benchmark, generated into ``path`` when absent.
+    """
+
+    format: SourceFormat
+    path: str
+    name: str | None = None  # prefix of image and person ids; defaults to the format
+    split: Literal["train", "val", "test"] = "train"  # folder sources only
+    layout: Literal["per-identity", "per-image"] = "per-identity"  # folder sources only
+    identities: int = Field(200, ge=3)  # procedural only
+    images_per_identity: int = Field(4, ge=1)  # procedural only
+    seed: int = 0  # procedural only
+
+    @property
+    def label(self) -> str:
+        return self.name or self.format
+
+    @classmethod
+    def parse(cls, spec: str) -> SourceConfig:
+        """Parse the command-line form ``FORMAT:PATH``."""
+        fmt, sep, path = spec.partition(":")
+        if not sep or not path:
+            raise ConfigError(f"--source {spec!r}: expected FORMAT:PATH, e.g. cuhk-pedes:data/CUHK")
+        if fmt not in SOURCE_FORMATS:
+            raise ConfigError(
+                f"--source {spec!r}: unknown format {fmt!r}; one of {', '.join(SOURCE_FORMATS)}"
+            )
+        return cls(format=fmt, path=path)
+
+
+class IngestConfig(_Strict):
+    """Limits that decide which images and captions are rejected."""
+
+    max_image_bytes: int = Field(50_000_000, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+    min_side: int = Field(8, ge=1)
+    max_caption_chars: int = Field(2_000, gt=0)
+    convert_format: Literal["jpeg", "png"] = "jpeg"  # for inputs that are not JPEG already
+    jpeg_quality: int = Field(95, ge=50, le=100)
+
+
+class WriteConfig(_Strict):
+    card_examples: int = Field(4, ge=0)
+
+
+class BuildConfig(_Strict):
+    name: str = "pedsynth"
+    sources: list[SourceConfig] = Field(default_factory=list)
+    out: str = "out/pedsynth"
+    shard_rows: Annotated[int, Field(gt=0)] = 1_000
+    workers: Annotated[int, Field(ge=1, le=256)] = 4
+    seed: int = 0
+    ingest: IngestConfig = IngestConfig()
+    write: WriteConfig = WriteConfig()
+
+    @model_validator(mode="after")
+    def _unique_source_labels(self) -> BuildConfig:
+        labels = [s.label for s in self.sources]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"two sources share the name {dupes[0]!r}; give one a distinct `name`")
+        return self
+
+
+def _format_validation_error(err: ValidationError, data: dict, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) or key == "<root>" else f" = {value!r}"
+        lines.append(f"{origin}: {key}{shown}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML scalars (``3``, ``true``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    sources: list[str] | None = None,
+    out: str | None = None,
+    overrides: list[str] | None = None,
+) -> BuildConfig:
+    """Read a YAML config, apply command-line values on top, and validate the result."""
+    data: dict[str, Any] = {}
+    origin = "config"
+    if path is not None:
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    apply_overrides(data, list(overrides or []))
+    if sources:
+        data["sources"] = [SourceConfig.parse(s).model_dump(exclude_defaults=True) for s in sources]
+    if out is not None:
+        data["out"] = out
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, data, origin)) from None
