@@ -1,0 +1,127 @@
+"""From a configured source to ingest shards: catalogue once, then load images in chunks.
+
+A source's catalogue (one row per image record, no pixels) is fingerprinted by its content, so
+an edited annotation file is noticed and an unchanged one is reused. Chunks cut the catalogue
+into pieces of about ``shard_rows`` pairs; each chunk's fingerprint also covers the size and
+mtime of its image files, so a replaced image is noticed without hashing every byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Literal
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pedsynth.schemas.config import IngestConfig, SourceConfig
+from pedsynth.schemas.tables import CATALOG_SCHEMA
+from pedsynth.tasks import ingest
+from pedsynth.tasks.shards import ShardResult, code_version, file_sha256, fingerprint, run_shard
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of ingest work: a slice of a catalogue, or one existing shard file."""
+
+    source: str  # the source's label
+    key: str
+    kind: Literal["catalog", "shard"]
+    input_path: str  # a catalogue slice [start, stop), or a whole existing shard file
+    input_fp: str
+    start: int = 0
+    stop: int = 0
+
+
+def prepare_source(source: SourceConfig) -> SourceConfig:
+    """Generate the procedural benchmark when asked for and absent; return a readable source."""
+    if source.format != "procedural":
+        return source
+    root = Path(source.path)
+    if not (root / "reid_raw.json").exists():
+        from pedsynth.procedural import generate
+
+        generate(root, identities=source.identities,
+                 images_per_identity=source.images_per_identity, seed=source.seed)
+    return source.model_copy(update={"format": "cuhk-pedes", "name": source.label})
+
+
+def _table_fingerprint(table: pa.Table) -> str:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()[:16]
+
+
+def _shard_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    if not root.exists():
+        raise FileNotFoundError(f"shards source not found: {root}")
+    data = root / "data" if (root / "data").is_dir() else root
+    files = sorted(data.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"shards source {root}: no .parquet files in {data}")
+    return files
+
+
+def plan_chunks(source: SourceConfig, out_dir: str | Path, shard_rows: int) -> tuple[list[Chunk], ShardResult | None]:
+    """Catalogue ``source`` (reusing a stored catalogue) and cut it into ingest chunks.
+
+    Returns the chunks and the catalogue's shard result, whose rejects file holds what the
+    annotation file itself got wrong (malformed JSON, bad records).
+    """
+    source = prepare_source(source)
+    if source.format == "shards":
+        chunks = [Chunk(source.label, f"{source.label}-{i:05d}", "shard", str(p), file_sha256(p))
+                  for i, p in enumerate(_shard_files(Path(source.path)))]
+        return chunks, None
+
+    catalog, rejects = ingest.read_catalog(source)
+    fp = fingerprint(catalog=_table_fingerprint(catalog), rejects=_table_fingerprint(rejects),
+                     code=code_version())
+    result = run_shard(out_dir, "catalog", source.label, fp, lambda: (catalog, rejects))
+    weights = pc.max_element_wise(pc.list_value_length(catalog.column("captions")), 1)
+    chunks, start, acc = [], 0, 0
+    for i, w in enumerate(weights.to_pylist()):
+        acc += w
+        if acc >= shard_rows:
+            chunks.append((start, i + 1))
+            start, acc = i + 1, 0
+    if start < catalog.num_rows:
+        chunks.append((start, catalog.num_rows))
+    return [
+        Chunk(source.label, f"{source.label}-{k:05d}", "catalog", result.path, fp, a, b)
+        for k, (a, b) in enumerate(chunks)
+    ], result
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def ingest_chunk(chunk: Chunk, cfg: IngestConfig, out_dir: str | Path) -> ShardResult:
+    """Load and verify the images of one chunk into an ingest shard (or reuse a finished one)."""
+    if chunk.kind == "shard":
+        return _ingest_shard_file(chunk, cfg, out_dir)
+    catalog = pq.read_table(chunk.input_path, schema=CATALOG_SCHEMA).slice(
+        chunk.start, chunk.stop - chunk.start)
+    fp = fingerprint(input=chunk.input_fp, start=chunk.start, stop=chunk.stop,
+                     ingest=cfg.model_dump(), code=code_version(),
+                     files=[_stat(p) for p in catalog.column("image_path").to_pylist()])
+    return run_shard(out_dir, "ingest", chunk.key, fp, lambda: ingest.load_images(catalog, cfg))
+
+
+def _ingest_shard_file(chunk: Chunk, cfg: IngestConfig, out_dir: str | Path) -> ShardResult:
+    fp = fingerprint(input=chunk.input_fp, ingest=cfg.model_dump(), code=code_version())
+    return run_shard(out_dir, "ingest", chunk.key, fp,
+                     lambda: ingest.verify_pairs(pq.read_table(chunk.input_path), cfg, chunk.source))

@@ -1,0 +1,249 @@
+"""The write stage: final Parquet shards, the rejects table, the dataset card and the manifest.
+
+Final shards use the Hugging Face layout ``OUT/data/{split}-{i:05d}-of-{n:05d}.parquet`` so
+``datasets.load_dataset(OUT)`` finds the splits. ``manifest.json`` is written last: it is the
+commit marker of a build, and its ``build_fingerprint`` lets a rerun over a finished output do
+nothing at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pedsynth.schemas.tables import PAIRS_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, rejects_table
+from pedsynth.tasks.shards import (
+    ShardResult,
+    atomic_write_bytes,
+    code_version,
+    file_sha256,
+    fingerprint,
+    write_parquet_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "data"
+REJECTS_DIR = "rejects"
+MANIFEST = "manifest.json"
+REJECTS_PER_FILE = 100_000
+
+
+def build_fingerprint(inputs: list[ShardResult], shard_rows: int, write_cfg: dict) -> str:
+    return fingerprint(
+        inputs=[(r.stage, r.key, r.fingerprint) for r in inputs],
+        shard_rows=shard_rows,
+        write=write_cfg,
+        schema=SCHEMA_VERSION,
+        code=code_version(),
+    )
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def finished_manifest(out_dir: str | Path, build_fp: str) -> dict | None:
+    """The existing manifest if it describes exactly this build and its shards are all there."""
+    manifest = read_manifest(out_dir)
+    if not manifest or manifest.get("build_fingerprint") != build_fp:
+        return None
+    files = [s["path"] for s in manifest.get("shards", [])] + manifest.get("rejects", [])
+    if all((Path(out_dir) / f).exists() for f in files):
+        return manifest
+    return None
+
+
+def _keep_mask(table: pa.Table, seen: set[str]) -> tuple[list[bool], list[dict]]:
+    """Rows to write: captioned and not already written. The others become reject rows."""
+    keep, rejects = [], []
+    pair_ids = table.column("pair_id").to_pylist()
+    captions_null = pc.is_null(table.column("caption")).to_pylist()
+    for i, (pair_id, uncaptioned) in enumerate(zip(pair_ids, captions_null, strict=True)):
+        reason = "uncaptioned" if uncaptioned else "duplicate_pair" if pair_id in seen else None
+        keep.append(reason is None)
+        if reason is None:
+            seen.add(pair_id)
+            continue
+        row = table.slice(i, 1).select(["image_id", "person_id", "split", "source"]).to_pylist()[0]
+        detail = (
+            "no caption: add a caption stage or a captioned source"
+            if reason == "uncaptioned"
+            else "an earlier row has the same pair_id"
+        )
+        rejects.append({"stage": "write", "reason": reason, "detail": detail,
+                        "pair_id": pair_id, **row})
+    return keep, rejects
+
+
+class _SplitWriter:
+    """Streams rows of one split into files of ``shard_rows`` rows, named i-of-n."""
+
+    def __init__(self, out_dir: Path, split: str, total_rows: int, shard_rows: int):
+        self.out_dir, self.split, self.shard_rows = out_dir, split, shard_rows
+        self.n = max(1, math.ceil(total_rows / shard_rows))
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.written: list[dict] = []
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.shard_rows:
+            merged = pa.concat_tables(self.pending)
+            self._flush(merged.slice(0, self.shard_rows))
+            rest = merged.slice(self.shard_rows)
+            self.pending, self.pending_rows = [rest], rest.num_rows
+
+    def close(self) -> list[dict]:
+        if self.pending_rows or not self.written:
+            merged = pa.concat_tables(self.pending) if self.pending else PAIRS_SCHEMA.empty_table()
+            self._flush(merged)
+        if len(self.written) != self.n:
+            raise RuntimeError(f"{self.split}: wrote {len(self.written)} shards, planned {self.n}")
+        return self.written
+
+    def _flush(self, table: pa.Table) -> None:
+        rel = f"{DATA_DIR}/{self.split}-{len(self.written):05d}-of-{self.n:05d}.parquet"
+        write_parquet_atomic(table.combine_chunks(), self.out_dir / rel)
+        self.written.append({"path": rel, "split": self.split, "rows": table.num_rows,
+                             "sha256": file_sha256(self.out_dir / rel)})
+
+
+def _write_rejects(out_dir: Path, reject_paths: list[str], extra: list[dict]) -> tuple[list[str], pa.Table]:
+    tables = [pq.read_table(p).cast(REJECTS_SCHEMA) for p in reject_paths]
+    tables.append(rejects_table(extra))
+    rejects = pa.concat_tables(tables)
+    n = max(1, math.ceil(rejects.num_rows / REJECTS_PER_FILE))
+    written = []
+    for i in range(n):
+        rel = f"{REJECTS_DIR}/rejects-{i:05d}-of-{n:05d}.parquet"
+        write_parquet_atomic(rejects.slice(i * REJECTS_PER_FILE, REJECTS_PER_FILE), out_dir / rel)
+        written.append(rel)
+    return written, rejects
+
+
+def _remove_stale(out_dir: Path, keep: list[str]) -> None:
+    keep_set = set(keep)
+    for sub in (DATA_DIR, REJECTS_DIR):
+        for path in (out_dir / sub).glob("*.parquet"):
+            if f"{sub}/{path.name}" not in keep_set:
+                path.unlink()
+
+
+def _totals(shards: list[dict], out_dir: Path, n_rejects: int) -> dict[str, Any]:
+    by_split: dict[str, dict[str, int]] = {}
+    images, people = set(), set()
+    for split in sorted({s["split"] for s in shards}):
+        files = [out_dir / s["path"] for s in shards if s["split"] == split]
+        cols = pa.concat_tables([pq.read_table(f, columns=["image_id", "person_id"]) for f in files])
+        split_images = set(cols.column("image_id").to_pylist())
+        split_people = set(cols.column("person_id").to_pylist())
+        by_split[split] = {"pairs": cols.num_rows, "images": len(split_images),
+                           "identities": len(split_people)}
+        images |= split_images
+        people |= split_people
+    overlap = _split_overlap(shards, out_dir)
+    return {"pairs": sum(v["pairs"] for v in by_split.values()), "images": len(images),
+            "identities": len(people), "rejects": n_rejects, "by_split": by_split,
+            "identities_in_several_splits": overlap}
+
+
+def _split_overlap(shards: list[dict], out_dir: Path) -> int:
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    for s in shards:
+        for pid in set(pq.read_table(out_dir / s["path"], columns=["person_id"])
+                       .column("person_id").to_pylist()):
+            splits_of[pid].add(s["split"])
+    return sum(1 for v in splits_of.values() if len(v) > 1)
+
+
+def write_dataset(
+    out_dir: str | Path,
+    inputs: list[ShardResult],
+    reject_paths: list[str],
+    *,
+    shard_rows: int,
+    config: dict,
+    stages: dict[str, dict],
+) -> dict:
+    """Write the final dataset from the last stage's shards (in order) and all stages' rejects.
+
+    Returns the manifest. Skips everything when a manifest for the same build is already there.
+    """
+    out = Path(out_dir)
+    write_cfg = config.get("write", {})
+    build_fp = build_fingerprint(inputs, shard_rows, write_cfg)
+    if (done := finished_manifest(out, build_fp)) is not None:
+        done["reused"] = True
+        return done
+
+    seen: set[str] = set()
+    masks, write_rejects = [], []
+    counts: dict[str, int] = defaultdict(int)
+    for r in inputs:  # pass 1: decide which rows are written, so every split's n is known
+        head = pq.read_table(r.path, columns=["pair_id", "caption", "image_id", "person_id",
+                                              "split", "source"])
+        keep, rejects = _keep_mask(head, seen)
+        masks.append(pa.array(keep, pa.bool_()))
+        write_rejects += rejects
+        for split, k in zip(head.column("split").to_pylist(), keep, strict=True):
+            counts[split] += int(k)
+
+    writers = {split: _SplitWriter(out, split, n, shard_rows) for split, n in sorted(counts.items())
+               if n > 0}
+    for r, mask in zip(inputs, masks, strict=True):  # pass 2: stream rows into final shards
+        table = pq.read_table(r.path).cast(PAIRS_SCHEMA).filter(mask)
+        for split, writer in writers.items():
+            part = table.filter(pc.equal(table.column("split"), split))
+            if part.num_rows:
+                writer.add(part)
+    shards = [entry for w in writers.values() for entry in w.close()]
+
+    reject_files, rejects = _write_rejects(out, reject_paths, write_rejects)
+    _remove_stale(out, [s["path"] for s in shards] + reject_files)
+
+    reasons = defaultdict(int)
+    for row in write_rejects:
+        reasons[row["reason"]] += 1
+    stages = {**stages, "write": {"rows_in": sum(r.rows for r in inputs),
+                                  "rows_out": sum(s["rows"] for s in shards),
+                                  "rejected": len(write_rejects),
+                                  "rejects_by_reason": dict(sorted(reasons.items()))}}
+    manifest = {
+        "name": config.get("name", "pedsynth"),
+        "schema_version": SCHEMA_VERSION,
+        "code_version": code_version(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "build_fingerprint": build_fp,
+        "config": config,
+        "shards": shards,
+        "rejects": reject_files,
+        "stages": stages,
+        "totals": _totals(shards, out, rejects.num_rows),
+    }
+    if manifest["totals"]["identities_in_several_splits"]:
+        log.warning("%d identities appear in more than one split",
+                    manifest["totals"]["identities_in_several_splits"])
+    _write_card(out, manifest)
+    atomic_write_bytes(json.dumps(manifest, indent=2).encode("utf-8"), out / MANIFEST)
+    manifest["reused"] = False
+    return manifest
+
+
+def _write_card(out: Path, manifest: dict) -> None:
+    from pedsynth.tasks.card import write_dataset_card
+
+    write_dataset_card(out, manifest)

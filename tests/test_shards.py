@@ -1,0 +1,54 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pedsynth.schemas.tables import rejects_table
+from pedsynth.tasks.shards import fingerprint, run_shard, shard_paths
+
+
+def _tables(n: int):
+    rows = pa.table({"x": list(range(n))})
+    rejects = rejects_table([{"stage": "t", "reason": "bad", "source": f"s{i}"} for i in range(2)])
+    return rows, rejects
+
+
+def test_fingerprint_is_order_free_and_sensitive():
+    assert fingerprint(a=1, b=[1, 2]) == fingerprint(b=[1, 2], a=1)
+    assert fingerprint(a=1, b=[1, 2]) != fingerprint(a=1, b=[2, 1])
+    assert len(fingerprint(a=1)) == 16
+
+
+def test_run_shard_computes_once_and_reuses(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return _tables(5)
+
+    first = run_shard(tmp_path, "stage", "k", "fp1", compute)
+    again = run_shard(tmp_path, "stage", "k", "fp1", compute)
+    assert len(calls) == 1 and not first.reused and again.reused
+    assert (again.rows, again.rejected, again.rejects_by_reason) == (5, 2, {"bad": 2})
+    assert pq.read_table(first.path).column("x").to_pylist() == list(range(5))
+    other = run_shard(tmp_path, "stage", "k", "fp2", compute)
+    assert len(calls) == 2 and other.path != first.path
+
+
+def test_failed_compute_leaves_no_output(tmp_path):
+    def boom():
+        raise RuntimeError("model crashed")
+
+    with pytest.raises(RuntimeError):
+        run_shard(tmp_path, "stage", "k", "fp", boom)
+    path, rejects = shard_paths(tmp_path, "stage", "k", "fp")
+    assert not path.exists() and not rejects.exists()
+    assert not list((tmp_path).rglob("*.tmp-*"))
+
+
+def test_output_without_rejects_is_not_done(tmp_path):
+    """Rejects are committed before the output; an output alone means a foreign or broken dir."""
+    run_shard(tmp_path, "stage", "k", "fp", lambda: _tables(3))
+    path, rejects = shard_paths(tmp_path, "stage", "k", "fp")
+    rejects.unlink()
+    redo = run_shard(tmp_path, "stage", "k", "fp", lambda: _tables(3))
+    assert not redo.reused and rejects.exists()
