@@ -14,9 +14,14 @@ from pedsynth.schemas.config import SOURCE_FORMATS, ConfigError, load_config
 def _sample_data(args: argparse.Namespace) -> int:
     from pedsynth.procedural import generate
 
-    summary = generate(args.out, identities=args.identities,
-                       images_per_identity=args.images_per_identity, seed=args.seed,
-                       workers=args.workers, overwrite=args.overwrite)
+    summary = generate(
+        args.out,
+        identities=args.identities,
+        images_per_identity=args.images_per_identity,
+        seed=args.seed,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -26,8 +31,13 @@ def _build(args: argparse.Namespace) -> int:
     load_config(args.config, sources=args.source, out=args.out, overrides=args.set)
     from pedsynth.flows.build_dataset import build_dataset
 
-    manifest = build_dataset(config=args.config, sources=args.source, out=args.out,
-                             overrides=args.set, show_progress=sys.stderr.isatty())
+    manifest = build_dataset(
+        config=args.config,
+        sources=args.source,
+        out=args.out,
+        overrides=args.set,
+        show_progress=sys.stderr.isatty(),
+    )
     print(summarize(manifest))
     return 0
 
@@ -35,29 +45,37 @@ def _build(args: argparse.Namespace) -> int:
 def summarize(manifest: dict) -> str:
     """A few lines a person can read: counts per split and stage, rejects by reason."""
     t = manifest["totals"]
-    lines = [f"{manifest['name']}  schema {manifest['schema_version']}  "
-             f"code {manifest['code_version']}  created {manifest['created']}",
-             f"{t['pairs']} pairs, {t['images']} images, {t['identities']} identities, "
-             f"{t['rejects']} rejects, {len(manifest['shards'])} shards"]
+    lines = [
+        f"{manifest['name']}  schema {manifest['schema_version']}  "
+        f"code {manifest['code_version']}  created {manifest['created']}",
+        f"{t['pairs']} pairs, {t['images']} images, {t['identities']} identities, "
+        f"{t['rejects']} rejects, {len(manifest['shards'])} shards",
+    ]
     for split, v in t["by_split"].items():
-        lines.append(f"  {split:<6} {v['pairs']:>8} pairs {v['images']:>8} images "
-                     f"{v['identities']:>7} identities")
+        lines.append(
+            f"  {split:<6} {v['pairs']:>8} pairs {v['images']:>8} images "
+            f"{v['identities']:>7} identities"
+        )
     lines.append("stages:")
     for stage, c in manifest["stages"].items():
         reasons = ", ".join(f"{k}={v}" for k, v in c.get("rejects_by_reason", {}).items())
-        lines.append(f"  {stage:<12} out {c.get('rows_out', 0):>8}  rejected "
-                     f"{c.get('rejected', 0):>6}" + (f"  ({reasons})" if reasons else ""))
+        lines.append(
+            f"  {stage:<12} out {c.get('rows_out', 0):>8}  rejected "
+            f"{c.get('rejected', 0):>6}" + (f"  ({reasons})" if reasons else "")
+        )
     if t.get("identities_in_several_splits"):
-        lines.append(f"warning: {t['identities_in_several_splits']} identities are in "
-                     "more than one split")
+        lines.append(
+            f"warning: {t['identities_in_several_splits']} identities are in more than one split"
+        )
     return "\n".join(lines)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     path = Path(args.out) / "manifest.json"
     if not path.exists():
-        print(f"error: {path} not found (is {args.out} a finished pedsynth build?)",
-              file=sys.stderr)
+        print(
+            f"error: {path} not found (is {args.out} a finished pedsynth build?)", file=sys.stderr
+        )
         return 2
     manifest = json.loads(path.read_text())
     print(json.dumps(manifest, indent=2) if args.json else summarize(manifest))
@@ -78,12 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sample_data)
 
     p = sub.add_parser("build", help="run the build-dataset flow locally")
-    p.add_argument("--config", default=None, help="a YAML run config, e.g. configs/offline-tiny.yaml")
-    p.add_argument("--source", action="append", default=None, metavar="FORMAT:PATH",
-                   help=f"input dataset (repeatable); FORMAT is one of {', '.join(SOURCE_FORMATS)}")
+    p.add_argument(
+        "--config", default=None, help="a YAML run config, e.g. configs/offline-tiny.yaml"
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        default=None,
+        metavar="FORMAT:PATH",
+        help=f"input dataset (repeatable); FORMAT is one of {', '.join(SOURCE_FORMATS)}",
+    )
     p.add_argument("--out", default=None, help="output folder (overrides the config's `out`)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set shard_rows=500 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set shard_rows=500 (repeatable)",
+    )
     p.set_defaults(func=_build)
 
     p = sub.add_parser("inspect", help="summarise a finished build from its manifest")

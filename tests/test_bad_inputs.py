@@ -50,8 +50,12 @@ def bad_corpus(tmp_path: Path) -> tuple[Path, Path, dict]:
     records = [
         {"id": 1, "split": "train", "file_path": "good1.jpg", "captions": [good_caption, "   "]},
         {"id": 1, "split": "train", "file_path": "good2.png", "captions": [good_caption, 42]},
-        {"id": 2, "split": "test", "file_path": "good3.jpg",
-         "captions": [good_caption, "x" * 5000]},
+        {
+            "id": 2,
+            "split": "test",
+            "file_path": "good3.jpg",
+            "captions": [good_caption, "x" * 5000],
+        },
         {"id": 3, "split": "train", "file_path": "missing.jpg", "captions": [good_caption]},
         {"id": 3, "split": "train", "file_path": "empty.jpg", "captions": [good_caption]},
         {"id": 4, "split": "train", "file_path": "truncated.jpg", "captions": [good_caption]},
@@ -66,24 +70,41 @@ def bad_corpus(tmp_path: Path) -> tuple[Path, Path, dict]:
     broken = tmp_path / "rstp"
     (broken / "imgs").mkdir(parents=True)
     (broken / "data_captions.json").write_text('[{"id": 1, "img_path": "a.jpg", "capt')
-    expected = Counter({"empty_caption": 1, "non_text_caption": 1, "caption_too_long": 1,
-                        "missing_file": 1, "empty_file": 1, "truncated": 1, "undecodable": 1,
-                        "too_large": 1, "too_small": 1, "bad_record": 3, "malformed_json": 1})
+    expected = Counter(
+        {
+            "empty_caption": 1,
+            "non_text_caption": 1,
+            "caption_too_long": 1,
+            "missing_file": 1,
+            "empty_file": 1,
+            "truncated": 1,
+            "undecodable": 1,
+            "too_large": 1,
+            "too_small": 1,
+            "bad_record": 3,
+            "malformed_json": 1,
+        }
+    )
     return root, broken, expected
 
 
-def test_each_bad_input_becomes_a_reject_and_good_rows_arrive(prefect_server, bad_corpus,
-                                                              tmp_path):
+def test_each_bad_input_becomes_a_reject_and_good_rows_arrive(prefect_server, bad_corpus, tmp_path):
     root, broken, expected = bad_corpus
     out = tmp_path / "out"
-    manifest = run_build(out, [f"cuhk-pedes:{root}", f"rstpreid:{broken}"],
-                         "ingest.max_pixels=1000000", "ingest.max_caption_chars=1000")
+    manifest = run_build(
+        out,
+        [f"cuhk-pedes:{root}", f"rstpreid:{broken}"],
+        "ingest.max_pixels=1000000",
+        "ingest.max_caption_chars=1000",
+    )
     rejects = pq.read_table(out / "rejects").to_pylist()
     assert Counter(r["reason"] for r in rejects) == expected
     assert all(r["stage"] == "ingest" and r["detail"] for r in rejects)
     by_reason = {r["reason"]: r for r in rejects}
     assert by_reason["malformed_json"]["source"].startswith("rstpreid")
-    assert "truncated.jpg" in by_reason["truncated"]["source"] + str(by_reason["truncated"]["image_id"])
+    assert "truncated.jpg" in by_reason["truncated"]["source"] + str(
+        by_reason["truncated"]["image_id"]
+    )
 
     data = pq.read_table(out / "data").to_pylist()
     assert sorted(r["image"]["path"] for r in data) == ["good1.jpg", "good2.jpg", "good3.jpg"]

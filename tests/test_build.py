@@ -21,8 +21,9 @@ OFFLINE = str(REPO / "configs" / "offline-tiny.yaml")
 def run_build(out: Path, sources: list[str], *overrides: str) -> dict:
     from pedsynth.flows.build_dataset import build_dataset
 
-    return build_dataset(config=OFFLINE, sources=sources, out=str(out),
-                         overrides=["workers=2", *overrides])
+    return build_dataset(
+        config=OFFLINE, sources=sources, out=str(out), overrides=["workers=2", *overrides]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +83,10 @@ def test_splits_identity_disjoint_and_match_annotations(built, procedural_small)
 
 def test_lineage_columns_filled(built):
     out, _ = built
-    df = pd.read_parquet(out / "data", columns=["caption_source", "generator", "source",
-                                                "parent_id", "image_id", "caption"])
+    df = pd.read_parquet(
+        out / "data",
+        columns=["caption_source", "generator", "source", "parent_id", "image_id", "caption"],
+    )
     assert (df["caption_source"] == "original").all()
     assert df["generator"].eq("dataset:cuhk-pedes").all()
     assert df["source"].str.match(r"cuhk-pedes:reid_raw\.json#\d+").all()
@@ -108,32 +111,41 @@ def test_huggingface_datasets_loads_the_output(built):
     ds = datasets.load_dataset(str(out), cache_dir=str(out.parent / "hf-cache"))
     by_split = manifest["totals"]["by_split"]
     assert {k: len(v) for k, v in ds.items()} == {
-        {"val": "validation"}.get(k, k): v["pairs"] for k, v in by_split.items()}
+        {"val": "validation"}.get(k, k): v["pairs"] for k, v in by_split.items()
+    }
     assert ds["train"][0]["image"].size[0] > 0  # decoded as a PIL image
 
 
 def test_rerun_over_finished_output_does_nothing(built):
     out, manifest = built
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    again = run_build(out, [manifest["config"]["sources"][0]["format"] + ":"
-                            + manifest["config"]["sources"][0]["path"]], "shard_rows=50")
+    again = run_build(
+        out,
+        [
+            manifest["config"]["sources"][0]["format"]
+            + ":"
+            + manifest["config"]["sources"][0]["path"]
+        ],
+        "shard_rows=50",
+    )
     assert again["reused"] is True and again["build_fingerprint"] == manifest["build_fingerprint"]
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert after == before
 
 
-def test_resharding_reuses_ingest_and_removes_stale_files(prefect_server, procedural_small,
-                                                          tmp_path):
+def test_resharding_reuses_ingest_and_removes_stale_files(
+    prefect_server, procedural_small, tmp_path
+):
     out = tmp_path / "out"
     first = run_build(out, [f"cuhk-pedes:{procedural_small}"], "shard_rows=30")
-    second = run_build(out, [f"cuhk-pedes:{procedural_small}"], "write.card_examples=2",
-                       "shard_rows=30")
+    second = run_build(
+        out, [f"cuhk-pedes:{procedural_small}"], "write.card_examples=2", "shard_rows=30"
+    )
     assert second["reused"] is False
     assert second["stages"]["ingest"]["reused"] == second["stages"]["ingest"]["shards"]
     assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
     third = run_build(out, [f"cuhk-pedes:{procedural_small}"], "shard_rows=1000")
-    assert sorted(os.listdir(out / "data")) == sorted(Path(s["path"]).name
-                                                      for s in third["shards"])
+    assert sorted(os.listdir(out / "data")) == sorted(Path(s["path"]).name for s in third["shards"])
     assert pq.read_table(out / "data").num_rows == first["totals"]["pairs"]
 
 

@@ -33,15 +33,22 @@ def test_unknown_key_is_named(tmp_path):
 def test_command_line_overrides_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("out: a\nshard_rows: 10\nsources: [{format: folder, path: x}]\n")
-    cfg = load_config(path, sources=["rstpreid:/data/R", "shards:/old"], out="b",
-                      overrides=["shard_rows=7", "ingest.min_side=3"])
+    cfg = load_config(
+        path,
+        sources=["rstpreid:/data/R", "shards:/old"],
+        out="b",
+        overrides=["shard_rows=7", "ingest.min_side=3"],
+    )
     assert cfg.out == "b" and cfg.shard_rows == 7 and cfg.ingest.min_side == 3
-    assert [(s.format, s.path) for s in cfg.sources] == [("rstpreid", "/data/R"),
-                                                         ("shards", "/old")]
+    assert [(s.format, s.path) for s in cfg.sources] == [
+        ("rstpreid", "/data/R"),
+        ("shards", "/old"),
+    ]
 
 
-@pytest.mark.parametrize("spec, match", [("cuhk-pedes", "FORMAT:PATH"),
-                                         ("coco:/x", "unknown format 'coco'")])
+@pytest.mark.parametrize(
+    "spec, match", [("cuhk-pedes", "FORMAT:PATH"), ("coco:/x", "unknown format 'coco'")]
+)
 def test_bad_source_spec(spec, match):
     with pytest.raises(ConfigError, match=match):
         SourceConfig.parse(spec)
@@ -57,6 +64,10 @@ def test_bad_override_and_missing_file(tmp_path):
 def test_duplicate_source_names_rejected():
     with pytest.raises(ConfigError, match="share the name"):
         load_config(None, sources=["folder:/a", "folder:/b"])
-    cfg = BuildConfig(sources=[SourceConfig(format="folder", path="/a"),
-                               SourceConfig(format="folder", path="/b", name="other")])
+    cfg = BuildConfig(
+        sources=[
+            SourceConfig(format="folder", path="/a"),
+            SourceConfig(format="folder", path="/b", name="other"),
+        ]
+    )
     assert [s.label for s in cfg.sources] == ["folder", "other"]

@@ -26,16 +26,22 @@ def test_local_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1"}
 
     def prefect(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-        done = subprocess.run([*PREFECT, *args], cwd=project, env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run(
+            [*PREFECT, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+        )
         assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
         return done
 
     prefect("work-pool", "create", "local", "--type", "process", "--overwrite")
     prefect("--no-prompt", "deploy", "--name", "local")
-    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "local", "--run-once"],
-                              cwd=project, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    worker = subprocess.Popen(
+        [*PREFECT, "worker", "start", "--pool", "local", "--run-once"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         run = prefect("deployment", "run", "build-dataset/local", "--watch", timeout=420)
         assert "Completed" in run.stdout + run.stderr

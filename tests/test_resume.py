@@ -16,10 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _build_cmd(source: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pedsynth.cli", "build",
-            "--config", str(REPO / "configs" / "offline-tiny.yaml"),
-            "--source", f"cuhk-pedes:{source}", "--out", str(out),
-            "--set", "shard_rows=8", "--set", "workers=1"]
+    return [
+        sys.executable,
+        "-m",
+        "pedsynth.cli",
+        "build",
+        "--config",
+        str(REPO / "configs" / "offline-tiny.yaml"),
+        "--source",
+        f"cuhk-pedes:{source}",
+        "--out",
+        str(out),
+        "--set",
+        "shard_rows=8",
+        "--set",
+        "workers=1",
+    ]
 
 
 def _env(api_url: str) -> dict:
@@ -34,12 +46,22 @@ def _read_sorted(folder: Path) -> pa.Table:
 def test_sigkill_then_rerun_equals_uninterrupted(prefect_server, procedural_small, tmp_path):
     env = _env(prefect_server)
     reference = tmp_path / "reference"
-    subprocess.run(_build_cmd(procedural_small, reference), env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        _build_cmd(procedural_small, reference),
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_build_cmd(procedural_small, out), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _build_cmd(procedural_small, out),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ingest_dir = out / "_work" / "ingest"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(ingest_dir.glob("*[!s].parquet"))) < 3:
@@ -47,16 +69,19 @@ def test_sigkill_then_rerun_equals_uninterrupted(prefect_server, procedural_smal
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     done_at_kill = len([p for p in ingest_dir.glob("*.parquet") if "rejects" not in p.name])
-    total_chunks = len([p for p in (reference / "_work" / "ingest").glob("*.parquet")
-                        if "rejects" not in p.name])
+    total_chunks = len(
+        [p for p in (reference / "_work" / "ingest").glob("*.parquet") if "rejects" not in p.name]
+    )
     assert 3 <= done_at_kill < total_chunks, "the kill must land part-way through ingest"
     assert not (out / "manifest.json").exists()
 
-    rerun = subprocess.run(_build_cmd(procedural_small, out), env=env, capture_output=True,
-                           text=True, timeout=300)
+    rerun = subprocess.run(
+        _build_cmd(procedural_small, out), env=env, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert sorted(p.name for p in (out / "data").iterdir()) == \
-        sorted(p.name for p in (reference / "data").iterdir())
+    assert sorted(p.name for p in (out / "data").iterdir()) == sorted(
+        p.name for p in (reference / "data").iterdir()
+    )
     assert _read_sorted(out / "data").equals(_read_sorted(reference / "data"))
     assert _read_sorted(out / "rejects").equals(_read_sorted(reference / "rejects"))
     final = [p for p in (out / "_work" / "ingest").glob("*.parquet") if "rejects" not in p.name]

@@ -43,10 +43,17 @@ def ingest_shard(chunk: source_tasks.Chunk, cfg: IngestConfig, out: str) -> Shar
 
 
 @task(name="write-dataset", cache_policy=NO_CACHE)
-def write_dataset(out: str, inputs: list[ShardResult], reject_paths: list[str],
-                  shard_rows: int, config: dict, stages: dict) -> dict:
-    return write.write_dataset(out, inputs, reject_paths, shard_rows=shard_rows, config=config,
-                               stages=stages)
+def write_dataset(
+    out: str,
+    inputs: list[ShardResult],
+    reject_paths: list[str],
+    shard_rows: int,
+    config: dict,
+    stages: dict,
+) -> dict:
+    return write.write_dataset(
+        out, inputs, reject_paths, shard_rows=shard_rows, config=config, stages=stages
+    )
 
 
 class _Progress:
@@ -55,7 +62,8 @@ class _Progress:
     def __init__(self, total: int, show_bar: bool):
         self.total, self.done = max(total, 1), 0
         self.artifact_id = create_progress_artifact(
-            progress=0.0, key="build-dataset-progress", description="shards through all stages")
+            progress=0.0, key="build-dataset-progress", description="shards through all stages"
+        )
         self.bar = None
         if show_bar:
             from rich.progress import Progress
@@ -90,10 +98,13 @@ def _stage_counts(results: list[ShardResult], upstream: list[ShardResult] = ()) 
     for r in [*results, *upstream]:
         for reason, n in r.rejects_by_reason.items():
             reasons[reason] += n
-    return {"shards": len(results), "reused": sum(r.reused for r in results),
-            "rows_out": sum(r.rows for r in results),
-            "rejected": sum(r.rejected for r in [*results, *upstream]),
-            "rejects_by_reason": dict(sorted(reasons.items()))}
+    return {
+        "shards": len(results),
+        "reused": sum(r.reused for r in results),
+        "rows_out": sum(r.rows for r in results),
+        "rejected": sum(r.rejected for r in [*results, *upstream]),
+        "rejects_by_reason": dict(sorted(reasons.items())),
+    }
 
 
 @flow(name="build-dataset", log_prints=True)
@@ -114,29 +125,48 @@ def build_dataset(
     if not cfg.sources:
         raise ValueError("no sources: give --source FORMAT:PATH or a `sources:` list in the config")
     active = [s for s in STAGES[1:-1] if getattr(cfg, s, None) is not None]
-    logger.info("build %r → %s; stages: ingest, %s write (skipped: %s)", cfg.name, cfg.out,
-                "".join(f"{s}, " for s in active), ", ".join(s for s in STAGES[1:-1]
-                                                         if s not in active) or "none")
+    logger.info(
+        "build %r → %s; stages: ingest, %s write (skipped: %s)",
+        cfg.name,
+        cfg.out,
+        "".join(f"{s}, " for s in active),
+        ", ".join(s for s in STAGES[1:-1] if s not in active) or "none",
+    )
 
     with ThreadPoolTaskRunner(max_workers=cfg.workers) as runner:
-        plans = [runner.submit(catalog_source, {"source": s, "out": cfg.out,
-                                                "shard_rows": cfg.shard_rows})
-                 for s in cfg.sources]
+        plans = [
+            runner.submit(
+                catalog_source, {"source": s, "out": cfg.out, "shard_rows": cfg.shard_rows}
+            )
+            for s in cfg.sources
+        ]
         plans = [p.result() for p in plans]
         chunks = [c for chunk_list, _ in plans for c in chunk_list]
         catalogs = [cat for _, cat in plans if cat is not None]
         progress = _Progress(total=len(chunks) * (1 + len(active)) + 1, show_bar=show_progress)
         try:
-            shards = _collect((runner.submit(ingest_shard, {"chunk": c, "cfg": cfg.ingest,
-                                                            "out": cfg.out}) for c in chunks),
-                              progress, "ingest")
+            shards = _collect(
+                (
+                    runner.submit(ingest_shard, {"chunk": c, "cfg": cfg.ingest, "out": cfg.out})
+                    for c in chunks
+                ),
+                progress,
+                "ingest",
+            )
             stages = {"ingest": _stage_counts(shards, upstream=catalogs)}
             reject_paths = [r.rejects_path for r in [*catalogs, *shards]]
             # Later stages plug in here, each mapping shards → shards in the same way.
-            manifest = runner.submit(write_dataset, {
-                "out": cfg.out, "inputs": shards, "reject_paths": reject_paths,
-                "shard_rows": cfg.shard_rows, "config": cfg.model_dump(mode="json"),
-                "stages": stages}).result()
+            manifest = runner.submit(
+                write_dataset,
+                {
+                    "out": cfg.out,
+                    "inputs": shards,
+                    "reject_paths": reject_paths,
+                    "shard_rows": cfg.shard_rows,
+                    "config": cfg.model_dump(mode="json"),
+                    "stages": stages,
+                },
+            ).result()
             progress.step("write")
         finally:
             progress.close()
@@ -147,21 +177,39 @@ def build_dataset(
 
 def _publish(manifest: dict) -> None:
     """Per-stage counts and totals as Prefect artifacts, and a one-line log summary."""
-    rows = [{"stage": name, **{k: v for k, v in counts.items() if k != "rejects_by_reason"},
-             "rejects_by_reason": ", ".join(f"{k}={v}" for k, v in
-                                            counts.get("rejects_by_reason", {}).items())}
-            for name, counts in manifest["stages"].items()]
-    create_table_artifact(table=rows, key="build-dataset-stage-counts",
-                          description=f"per-stage counts of {manifest['name']}")
+    rows = [
+        {
+            "stage": name,
+            **{k: v for k, v in counts.items() if k != "rejects_by_reason"},
+            "rejects_by_reason": ", ".join(
+                f"{k}={v}" for k, v in counts.get("rejects_by_reason", {}).items()
+            ),
+        }
+        for name, counts in manifest["stages"].items()
+    ]
+    create_table_artifact(
+        table=rows,
+        key="build-dataset-stage-counts",
+        description=f"per-stage counts of {manifest['name']}",
+    )
     totals = manifest["totals"]
-    split_rows = "\n".join(f"| {s} | {v['pairs']} | {v['images']} | {v['identities']} |"
-                           for s, v in totals["by_split"].items())
+    split_rows = "\n".join(
+        f"| {s} | {v['pairs']} | {v['images']} | {v['identities']} |"
+        for s, v in totals["by_split"].items()
+    )
     create_markdown_artifact(
         key="build-dataset-summary",
-        markdown=(f"# {manifest['name']}\n\n{totals['pairs']} pairs, {totals['images']} images, "
-                  f"{totals['identities']} identities, {totals['rejects']} rejects"
-                  f"{' (reused: nothing to do)' if manifest.get('reused') else ''}\n\n"
-                  "| split | pairs | images | identities |\n|---|---|---|---|\n" + split_rows))
-    get_run_logger().info("wrote %d pairs in %d shards, %d rejects%s", totals["pairs"],
-                          len(manifest["shards"]), totals["rejects"],
-                          " (already built: nothing to do)" if manifest.get("reused") else "")
+        markdown=(
+            f"# {manifest['name']}\n\n{totals['pairs']} pairs, {totals['images']} images, "
+            f"{totals['identities']} identities, {totals['rejects']} rejects"
+            f"{' (reused: nothing to do)' if manifest.get('reused') else ''}\n\n"
+            "| split | pairs | images | identities |\n|---|---|---|---|\n" + split_rows
+        ),
+    )
+    get_run_logger().info(
+        "wrote %d pairs in %d shards, %d rejects%s",
+        totals["pairs"],
+        len(manifest["shards"]),
+        totals["rejects"],
+        " (already built: nothing to do)" if manifest.get("reused") else "",
+    )

@@ -145,7 +145,9 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping, got {type(loaded).__name__}"
+            )
         data = loaded or {}
     apply_overrides(data, list(overrides or []))
     if sources:

@@ -113,7 +113,11 @@ def run_shard(
     if path.exists() and rejects_path.exists():
         rejects = pq.read_table(rejects_path, columns=["reason"])
         return ShardResult(
-            stage, key, fp, str(path), str(rejects_path),
+            stage,
+            key,
+            fp,
+            str(path),
+            str(rejects_path),
             rows=pq.read_metadata(path).num_rows,
             rejected=rejects.num_rows,
             reused=True,
@@ -124,7 +128,11 @@ def run_shard(
     write_parquet_atomic(rejects, rejects_path)
     write_parquet_atomic(table, path)  # the commit point: its presence means "done"
     return ShardResult(
-        stage, key, fp, str(path), str(rejects_path),
+        stage,
+        key,
+        fp,
+        str(path),
+        str(rejects_path),
         rows=table.num_rows,
         rejected=rejects.num_rows,
         rejects_by_reason=_count_reasons(rejects),

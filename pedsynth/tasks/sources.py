@@ -12,8 +12,8 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,8 +46,12 @@ def prepare_source(source: SourceConfig) -> SourceConfig:
     if not (root / "reid_raw.json").exists():
         from pedsynth.procedural import generate
 
-        generate(root, identities=source.identities,
-                 images_per_identity=source.images_per_identity, seed=source.seed)
+        generate(
+            root,
+            identities=source.identities,
+            images_per_identity=source.images_per_identity,
+            seed=source.seed,
+        )
     return source.model_copy(update={"format": "cuhk-pedes", "name": source.label})
 
 
@@ -70,7 +74,9 @@ def _shard_files(root: Path) -> list[Path]:
     return files
 
 
-def plan_chunks(source: SourceConfig, out_dir: str | Path, shard_rows: int) -> tuple[list[Chunk], ShardResult | None]:
+def plan_chunks(
+    source: SourceConfig, out_dir: str | Path, shard_rows: int
+) -> tuple[list[Chunk], ShardResult | None]:
     """Catalogue ``source`` (reusing a stored catalogue) and cut it into ingest chunks.
 
     Returns the chunks and the catalogue's shard result, whose rejects file holds what the
@@ -78,13 +84,18 @@ def plan_chunks(source: SourceConfig, out_dir: str | Path, shard_rows: int) -> t
     """
     source = prepare_source(source)
     if source.format == "shards":
-        chunks = [Chunk(source.label, f"{source.label}-{i:05d}", "shard", str(p), file_sha256(p))
-                  for i, p in enumerate(_shard_files(Path(source.path)))]
+        chunks = [
+            Chunk(source.label, f"{source.label}-{i:05d}", "shard", str(p), file_sha256(p))
+            for i, p in enumerate(_shard_files(Path(source.path)))
+        ]
         return chunks, None
 
     catalog, rejects = ingest.read_catalog(source)
-    fp = fingerprint(catalog=_table_fingerprint(catalog), rejects=_table_fingerprint(rejects),
-                     code=code_version())
+    fp = fingerprint(
+        catalog=_table_fingerprint(catalog),
+        rejects=_table_fingerprint(rejects),
+        code=code_version(),
+    )
     result = run_shard(out_dir, "catalog", source.label, fp, lambda: (catalog, rejects))
     weights = pc.max_element_wise(pc.list_value_length(catalog.column("captions")), 1)
     chunks, start, acc = [], 0, 0
@@ -114,14 +125,25 @@ def ingest_chunk(chunk: Chunk, cfg: IngestConfig, out_dir: str | Path) -> ShardR
     if chunk.kind == "shard":
         return _ingest_shard_file(chunk, cfg, out_dir)
     catalog = pq.read_table(chunk.input_path, schema=CATALOG_SCHEMA).slice(
-        chunk.start, chunk.stop - chunk.start)
-    fp = fingerprint(input=chunk.input_fp, start=chunk.start, stop=chunk.stop,
-                     ingest=cfg.model_dump(), code=code_version(),
-                     files=[_stat(p) for p in catalog.column("image_path").to_pylist()])
+        chunk.start, chunk.stop - chunk.start
+    )
+    fp = fingerprint(
+        input=chunk.input_fp,
+        start=chunk.start,
+        stop=chunk.stop,
+        ingest=cfg.model_dump(),
+        code=code_version(),
+        files=[_stat(p) for p in catalog.column("image_path").to_pylist()],
+    )
     return run_shard(out_dir, "ingest", chunk.key, fp, lambda: ingest.load_images(catalog, cfg))
 
 
 def _ingest_shard_file(chunk: Chunk, cfg: IngestConfig, out_dir: str | Path) -> ShardResult:
     fp = fingerprint(input=chunk.input_fp, ingest=cfg.model_dump(), code=code_version())
-    return run_shard(out_dir, "ingest", chunk.key, fp,
-                     lambda: ingest.verify_pairs(pq.read_table(chunk.input_path), cfg, chunk.source))
+    return run_shard(
+        out_dir,
+        "ingest",
+        chunk.key,
+        fp,
+        lambda: ingest.verify_pairs(pq.read_table(chunk.input_path), cfg, chunk.source),
+    )

@@ -83,8 +83,9 @@ def _keep_mask(table: pa.Table, seen: set[str]) -> tuple[list[bool], list[dict]]
             if reason == "uncaptioned"
             else "an earlier row has the same pair_id"
         )
-        rejects.append({"stage": "write", "reason": reason, "detail": detail,
-                        "pair_id": pair_id, **row})
+        rejects.append(
+            {"stage": "write", "reason": reason, "detail": detail, "pair_id": pair_id, **row}
+        )
     return keep, rejects
 
 
@@ -118,11 +119,19 @@ class _SplitWriter:
     def _flush(self, table: pa.Table) -> None:
         rel = f"{DATA_DIR}/{self.split}-{len(self.written):05d}-of-{self.n:05d}.parquet"
         write_parquet_atomic(table.combine_chunks(), self.out_dir / rel)
-        self.written.append({"path": rel, "split": self.split, "rows": table.num_rows,
-                             "sha256": file_sha256(self.out_dir / rel)})
+        self.written.append(
+            {
+                "path": rel,
+                "split": self.split,
+                "rows": table.num_rows,
+                "sha256": file_sha256(self.out_dir / rel),
+            }
+        )
 
 
-def _write_rejects(out_dir: Path, reject_paths: list[str], extra: list[dict]) -> tuple[list[str], pa.Table]:
+def _write_rejects(
+    out_dir: Path, reject_paths: list[str], extra: list[dict]
+) -> tuple[list[str], pa.Table]:
     tables = [pq.read_table(p).cast(REJECTS_SCHEMA) for p in reject_paths]
     tables.append(rejects_table(extra))
     rejects = pa.concat_tables(tables)
@@ -144,30 +153,33 @@ def _remove_stale(out_dir: Path, keep: list[str]) -> None:
 
 
 def _totals(shards: list[dict], out_dir: Path, n_rejects: int) -> dict[str, Any]:
+    """Counts per split, read back from the written shards (ids only, never images)."""
     by_split: dict[str, dict[str, int]] = {}
-    images, people = set(), set()
+    images: set[str] = set()
+    splits_of: dict[str, set[str]] = defaultdict(set)
     for split in sorted({s["split"] for s in shards}):
         files = [out_dir / s["path"] for s in shards if s["split"] == split]
-        cols = pa.concat_tables([pq.read_table(f, columns=["image_id", "person_id"]) for f in files])
+        cols = pa.concat_tables(
+            [pq.read_table(f, columns=["image_id", "person_id"]) for f in files]
+        )
         split_images = set(cols.column("image_id").to_pylist())
         split_people = set(cols.column("person_id").to_pylist())
-        by_split[split] = {"pairs": cols.num_rows, "images": len(split_images),
-                           "identities": len(split_people)}
+        by_split[split] = {
+            "pairs": cols.num_rows,
+            "images": len(split_images),
+            "identities": len(split_people),
+        }
         images |= split_images
-        people |= split_people
-    overlap = _split_overlap(shards, out_dir)
-    return {"pairs": sum(v["pairs"] for v in by_split.values()), "images": len(images),
-            "identities": len(people), "rejects": n_rejects, "by_split": by_split,
-            "identities_in_several_splits": overlap}
-
-
-def _split_overlap(shards: list[dict], out_dir: Path) -> int:
-    splits_of: dict[str, set[str]] = defaultdict(set)
-    for s in shards:
-        for pid in set(pq.read_table(out_dir / s["path"], columns=["person_id"])
-                       .column("person_id").to_pylist()):
-            splits_of[pid].add(s["split"])
-    return sum(1 for v in splits_of.values() if len(v) > 1)
+        for pid in split_people:
+            splits_of[pid].add(split)
+    return {
+        "pairs": sum(v["pairs"] for v in by_split.values()),
+        "images": len(images),
+        "identities": len(splits_of),
+        "rejects": n_rejects,
+        "by_split": by_split,
+        "identities_in_several_splits": sum(1 for v in splits_of.values() if len(v) > 1),
+    }
 
 
 def write_dataset(
@@ -194,16 +206,20 @@ def write_dataset(
     masks, write_rejects = [], []
     counts: dict[str, int] = defaultdict(int)
     for r in inputs:  # pass 1: decide which rows are written, so every split's n is known
-        head = pq.read_table(r.path, columns=["pair_id", "caption", "image_id", "person_id",
-                                              "split", "source"])
+        head = pq.read_table(
+            r.path, columns=["pair_id", "caption", "image_id", "person_id", "split", "source"]
+        )
         keep, rejects = _keep_mask(head, seen)
         masks.append(pa.array(keep, pa.bool_()))
         write_rejects += rejects
         for split, k in zip(head.column("split").to_pylist(), keep, strict=True):
             counts[split] += int(k)
 
-    writers = {split: _SplitWriter(out, split, n, shard_rows) for split, n in sorted(counts.items())
-               if n > 0}
+    writers = {
+        split: _SplitWriter(out, split, n, shard_rows)
+        for split, n in sorted(counts.items())
+        if n > 0
+    }
     for r, mask in zip(inputs, masks, strict=True):  # pass 2: stream rows into final shards
         table = pq.read_table(r.path).cast(PAIRS_SCHEMA).filter(mask)
         for split, writer in writers.items():
@@ -218,10 +234,15 @@ def write_dataset(
     reasons = defaultdict(int)
     for row in write_rejects:
         reasons[row["reason"]] += 1
-    stages = {**stages, "write": {"rows_in": sum(r.rows for r in inputs),
-                                  "rows_out": sum(s["rows"] for s in shards),
-                                  "rejected": len(write_rejects),
-                                  "rejects_by_reason": dict(sorted(reasons.items()))}}
+    stages = {
+        **stages,
+        "write": {
+            "rows_in": sum(r.rows for r in inputs),
+            "rows_out": sum(s["rows"] for s in shards),
+            "rejected": len(write_rejects),
+            "rejects_by_reason": dict(sorted(reasons.items())),
+        },
+    }
     manifest = {
         "name": config.get("name", "pedsynth"),
         "schema_version": SCHEMA_VERSION,
@@ -235,8 +256,10 @@ def write_dataset(
         "totals": _totals(shards, out, rejects.num_rows),
     }
     if manifest["totals"]["identities_in_several_splits"]:
-        log.warning("%d identities appear in more than one split",
-                    manifest["totals"]["identities_in_several_splits"])
+        log.warning(
+            "%d identities appear in more than one split",
+            manifest["totals"]["identities_in_several_splits"],
+        )
     _write_card(out, manifest)
     atomic_write_bytes(json.dumps(manifest, indent=2).encode("utf-8"), out / MANIFEST)
     manifest["reused"] = False
