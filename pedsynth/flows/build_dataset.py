@@ -20,9 +20,11 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
 
 from pedsynth.schemas.config import BuildConfig, IngestConfig, SourceConfig, load_config
 from pedsynth.tasks import sources as source_tasks
+from pedsynth.tasks import stages as stage_registry
 from pedsynth.tasks import write
 from pedsynth.tasks.shards import ShardResult
 
@@ -40,6 +42,20 @@ def catalog_source(source: SourceConfig, out: str, shard_rows: int):
 @task(name="ingest-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def ingest_shard(chunk: source_tasks.Chunk, cfg: IngestConfig, out: str) -> ShardResult:
     return source_tasks.ingest_chunk(chunk, cfg, out)
+
+
+@task(name="stage-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def shard_stage(
+    name: str, section: BaseModel, seed: int, shard: ShardResult, out: str
+) -> ShardResult:
+    return stage_registry.run_shard_stage(name, section, seed, shard, out)
+
+
+@task(name="dataset-stage", cache_policy=NO_CACHE)
+def dataset_stage(
+    name: str, section: BaseModel, seed: int, shards: list[ShardResult], out: str
+) -> list[ShardResult]:
+    return stage_registry.build_dataset_stage(name, section, seed).run(shards, out)
 
 
 @task(name="write-dataset", cache_policy=NO_CACHE)
@@ -155,7 +171,41 @@ def build_dataset(
             )
             stages = {"ingest": _stage_counts(shards, upstream=catalogs)}
             reject_paths = [r.rejects_path for r in [*catalogs, *shards]]
-            # Later stages plug in here, each mapping shards → shards in the same way.
+            for name in active:
+                section = getattr(cfg, name)
+                if name in stage_registry.DATASET_STAGES:
+                    shards = runner.submit(
+                        dataset_stage,
+                        {
+                            "name": name,
+                            "section": section,
+                            "seed": cfg.seed,
+                            "shards": shards,
+                            "out": cfg.out,
+                        },
+                    ).result()
+                    for _ in range(len(chunks)):
+                        progress.step(name)
+                else:
+                    shards = _collect(
+                        (
+                            runner.submit(
+                                shard_stage,
+                                {
+                                    "name": name,
+                                    "section": section,
+                                    "seed": cfg.seed,
+                                    "shard": shard,
+                                    "out": cfg.out,
+                                },
+                            )
+                            for shard in shards
+                        ),
+                        progress,
+                        name,
+                    )
+                stages[name] = _stage_counts(shards)
+                reject_paths += [r.rejects_path for r in shards]
             manifest = runner.submit(
                 write_dataset,
                 {
