@@ -21,8 +21,6 @@ def _build_cmd(source: Path, out: Path) -> list[str]:
         "-m",
         "pedsynth.cli",
         "build",
-        "--config",
-        str(REPO / "configs" / "offline-tiny.yaml"),
         "--source",
         f"cuhk-pedes:{source}",
         "--out",

@@ -1,0 +1,1 @@
+"""Model runtimes behind small protocols, loaded once per worker process and reused."""
