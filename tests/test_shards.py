@@ -52,3 +52,28 @@ def test_output_without_rejects_is_not_done(tmp_path):
     rejects.unlink()
     redo = run_shard(tmp_path, "stage", "k", "fp", lambda: _tables(3))
     assert not redo.reused and rejects.exists()
+
+
+@pytest.mark.parametrize("start, stop", [(0, 5), (990, 1010), (1000, 2000), (2400, 2500)])
+def test_catalogue_slices_read_only_their_row_groups(tmp_path, start, stop):
+    from pedsynth.schemas.tables import CATALOG_SCHEMA
+    from pedsynth.tasks.shards import write_parquet_atomic
+    from pedsynth.tasks.sources import _read_rows
+
+    rows = [
+        {
+            "source": f"s#{i}",
+            "image_path": f"/x/{i}.jpg",
+            "rel_path": f"{i}.jpg",
+            "image_id": f"i{i}",
+            "person_id": "p",
+            "split": "train",
+            "captions": ["c"],
+        }
+        for i in range(2500)
+    ]
+    path = tmp_path / "catalog.parquet"
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), path)
+    assert pq.ParquetFile(path).num_row_groups == 3
+    got = _read_rows(str(path), start, stop)
+    assert got.column("image_id").to_pylist() == [f"i{i}" for i in range(start, stop)]

@@ -112,6 +112,22 @@ def plan_chunks(
     ], result
 
 
+def _read_rows(path: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a catalogue, reading only the row groups that hold them."""
+    parquet = pq.ParquetFile(path)
+    groups, first_row, offset = [], None, 0
+    for g in range(parquet.num_row_groups):
+        n = parquet.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first_row = offset if first_row is None else first_row
+        offset += n
+    table = parquet.read_row_groups(groups, use_threads=False) if groups else None
+    if table is None:
+        return CATALOG_SCHEMA.empty_table()
+    return table.cast(CATALOG_SCHEMA).slice(start - first_row, stop - start)
+
+
 def _stat(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -124,9 +140,7 @@ def ingest_chunk(chunk: Chunk, cfg: IngestConfig, out_dir: str | Path) -> ShardR
     """Load and verify the images of one chunk into an ingest shard (or reuse a finished one)."""
     if chunk.kind == "shard":
         return _ingest_shard_file(chunk, cfg, out_dir)
-    catalog = pq.read_table(chunk.input_path, schema=CATALOG_SCHEMA).slice(
-        chunk.start, chunk.stop - chunk.start
-    )
+    catalog = _read_rows(chunk.input_path, chunk.start, chunk.stop)
     fp = fingerprint(
         input=chunk.input_fp,
         start=chunk.start,
