@@ -409,7 +409,8 @@ def _source_rows(config: Mapping[str, Any]) -> list[list[str]]:
     for s in config.get("sources") or []:
         if isinstance(s, Mapping):
             label = s.get("name") or s.get("format") or "?"
-            rows.append([label, s.get("format", "—"), _code(s.get("path", "")), s.get("split", "")])
+            split = s.get("split", "") if s.get("format") == "folder" else "from annotations"
+            rows.append([label, s.get("format", "—"), _code(s.get("path", "")), split])
         else:
             rows.append([str(s), "—", "—", ""])
     return rows
@@ -552,7 +553,8 @@ def write_dataset_card(out_dir: str | Path, manifest: dict) -> Path:
     written: set[Path] = set()
     example_rows = []
     for k, ex in enumerate(examples):
-        thumb = examples_dir / f"{k:02d}-{_safe_name(str(ex['image_id']))}.jpg"
+        stem = _safe_name(str(ex["image_id"])).removesuffix(".jpg")
+        thumb = examples_dir / f"{k:02d}-{stem}.jpg"
         cell = "(not decodable)"
         if _thumbnail(ex.get("image"), thumb):
             written.add(thumb)
