@@ -154,3 +154,24 @@ def test_rejects_table_schema(built):
     files = list((out / "rejects").glob("*.parquet"))
     assert [f"rejects/{f.name}" for f in files] == manifest["rejects"]
     assert pq.read_schema(files[0]).remove_metadata() == REJECTS_SCHEMA.remove_metadata()
+
+
+def test_progress_and_counts_are_published_as_artifacts(built):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, manifest = built
+    keys = ["build-dataset-progress", "build-dataset-stage-counts", "build-dataset-summary"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))
+        )
+    latest = {}
+    for art in sorted(found, key=lambda a: a.created):
+        latest[art.key] = art
+    assert set(latest) == set(keys)
+    assert float(latest["build-dataset-progress"].data) == 100.0
+    table = latest["build-dataset-stage-counts"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    by_stage = {r["stage"]: r for r in rows}
+    assert by_stage["write"]["rows_out"] == manifest["totals"]["pairs"]
