@@ -82,6 +82,56 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from pedsynth.engines.clip import ClipLoadError
+    from pedsynth.tasks.memory import search
+
+    try:
+        hits = search(args.out, args.text, args.k, split=args.split)
+    except (ValueError, ClipLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return 0
+    for hit in hits:
+        print(
+            f"{hit['rank']:>3}  score {hit['score']:.4f}  {hit['image_id']}  "
+            f"person {hit['person_id']}  ({hit['split']})"
+        )
+        for caption in hit["captions"]:
+            print(f"       - {caption}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pedsynth.schemas.train import load_train_config
+
+    # Validate before starting Prefect, so a typo costs a second, not a server start.
+    load_train_config(args.config, data=args.data, out=args.out, overrides=args.set)
+    from pedsynth.flows.train import train_retriever
+
+    result = train_retriever(config=args.config, data=args.data, out=args.out, overrides=args.set)
+    shown = {k: result[k] for k in ("checkpoint", "val", "test") if k in result}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from pedsynth.train.ablation import run_ablation
+
+    table = run_ablation(
+        args.benchmark,
+        out=args.out,
+        config=args.config,
+        corrupt=args.corrupt,
+        overrides=args.set,
+        variants=args.variant,
+    )
+    print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pedsynth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,10 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_build)
 
+    p = sub.add_parser("train", help="train and evaluate a retriever (train-retriever flow)")
+    p.add_argument("--data", default=None, help="a pedsynth build folder, or FORMAT:PATH")
+    p.add_argument("--config", default="configs/train-tiny.yaml", help="a YAML train config")
+    p.add_argument("--out", default=None, help="run folder (overrides the config's `out`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("ablate", help="train with and without BSS, NAM, CM-MoCo on noisy captions")
+    p.add_argument("benchmark", help="a procedural benchmark folder (see sample-data)")
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--config", default="configs/train-tiny.yaml")
+    p.add_argument("--corrupt", type=float, default=0.3, help="share of captions corrupted")
+    p.add_argument("--variant", action="append", default=None, help="only these variants")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_ablate)
+
     p = sub.add_parser("inspect", help="summarise a finished build from its manifest")
     p.add_argument("out")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("search", help="find images of a finished build by text (memory index)")
+    p.add_argument("out")
+    p.add_argument("text")
+    p.add_argument("-k", type=int, default=10, help="how many images (default 10)")
+    p.add_argument("--split", default=None, help="search one split only, e.g. test")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=_search)
     return parser
 
 

@@ -14,6 +14,7 @@ os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = str(Path(_HOME) / "hf")
+os.environ["PEDSYNTH_CACHE"] = str(Path(_HOME) / "cache")  # tiny models built per session
 os.environ["MPLBACKEND"] = "Agg"
 
 import pytest  # noqa: E402

@@ -215,8 +215,10 @@ def test_card_loads_with_datasets_and_matches_manifest(tmp_path, offline_hf):
 
     # Caption stats per source present in the data.
     stats = {r[0]: r[1:] for r in _table_after(text, "## Captions")}
-    assert set(stats) == {"original", "mllm", "rewrite", "**all**"}
-    assert stats["original"][0] == "7" and stats["mllm"][0] == "3" and stats["**all**"][0] == "11"
+    # MLLM captions without a template_id are reported as the static-instruction group.
+    assert set(stats) == {"original", "mllm (static)", "rewrite", "**all**"}
+    assert stats["original"][0] == "7" and stats["mllm (static)"][0] == "3"
+    assert stats["**all**"][0] == "11"
 
     # Plots are real PNGs and linked relatively.
     for name in ("caption_length", "images_per_identity", "captions_per_identity"):

@@ -56,6 +56,11 @@ def test_local_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     annotations = json.loads((project / "data" / "procedural" / "reid_raw.json").read_text())
     expected = sum(len(r["captions"]) for r in annotations)
-    assert pq.read_table(out / "data").num_rows == expected == manifest["totals"]["pairs"]
+    data = pq.read_table(out / "data", columns=["caption_source"])
+    sources = data.column("caption_source").to_pylist()
+    # Every original caption, plus what the offline text stages (tiny models) added.
+    assert sources.count("original") == expected
+    assert data.num_rows == manifest["totals"]["pairs"] == len(sources)
+    assert sources.count("mllm") > 0 and {"caption", "rewrite"} <= set(manifest["stages"])
     assert manifest["config"]["name"] == "offline-tiny"
     assert set(manifest["totals"]["by_split"]) == {"train", "val", "test"}

@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pedsynth.schemas.text import CaptionConfig, FaithfulnessConfig, RewriteConfig
+from pedsynth.schemas.vision import MemoryConfig, ScoreConfig
+
 SourceFormat = Literal["cuhk-pedes", "icfg-pedes", "rstpreid", "folder", "shards", "procedural"]
 SOURCE_FORMATS: tuple[str, ...] = SourceFormat.__args__  # type: ignore[attr-defined]
 
@@ -82,6 +85,11 @@ class BuildConfig(_Strict):
     workers: Annotated[int, Field(ge=1, le=256)] = 4
     seed: int = 0
     ingest: IngestConfig = IngestConfig()
+    caption: CaptionConfig | None = None
+    rewrite: RewriteConfig | None = None
+    faithfulness: FaithfulnessConfig | None = None
+    score: ScoreConfig | None = None
+    memory: MemoryConfig | None = None
     write: WriteConfig = WriteConfig()
 
     @model_validator(mode="after")

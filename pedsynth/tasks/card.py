@@ -69,8 +69,11 @@ class _Diversity:
     openings: set[str] = field(default_factory=set)
     types: set[str] = field(default_factory=set)
     tokens: int = 0
+    templates: set[str] = field(default_factory=set)  # template ids of template-guided captions
 
-    def add(self, caption: str) -> None:
+    def add(self, caption: str, template_id: str | None = None) -> None:
+        if template_id:
+            self.templates.add(template_id)
         words = caption_words(caption)
         self.lengths.append(len(words))
         self.chars += len(caption)
@@ -143,7 +146,15 @@ class _SplitStats:
     captions_per_identity: list[int]
 
 
-_SCAN_COLUMNS = ["person_id", "image_id", "caption", "caption_source"]
+_SCAN_COLUMNS = ["person_id", "image_id", "caption", "caption_source", "template_id"]
+# MLLM captions are reported apart by instruction: static vs template-guided (MLLM4Text-ReID).
+_SOURCE_ORDER = ("original", "mllm (static)", "mllm (template)", *CAPTION_SOURCES[1:])
+
+
+def _diversity_key(source: str | None, template_id: str | None) -> str:
+    if source == "mllm":
+        return "mllm (template)" if template_id else "mllm (static)"
+    return source or "unknown"
 
 
 def _scan_split(
@@ -164,12 +175,15 @@ def _scan_split(
             captioned = pc.filter(batch["person_id"], pc.is_valid(batch["caption"]))
             for vc in pc.value_counts(captioned).to_pylist():
                 caps_per_id[vc["values"]] += vc["counts"]
-            for cap, src in zip(
-                batch["caption"].to_pylist(), batch["caption_source"].to_pylist(), strict=True
+            for cap, src, tid in zip(
+                batch["caption"].to_pylist(),
+                batch["caption_source"].to_pylist(),
+                batch["template_id"].to_pylist(),
+                strict=True,
             ):
                 if cap is not None:
-                    diversity.setdefault(src or "unknown", _Diversity()).add(cap)
-                    all_captions.add(cap)
+                    diversity.setdefault(_diversity_key(src, tid), _Diversity()).add(cap, tid)
+                    all_captions.add(cap, tid)
     if pairs == 0:
         return _SplitStats(0, 0, 0, [], [])
     images = pa.concat_tables(ids).group_by(["person_id", "image_id"]).aggregate([])
@@ -519,8 +533,8 @@ def write_dataset_card(out_dir: str | Path, manifest: dict) -> Path:
 
     # Plots.
     card_dir.mkdir(parents=True, exist_ok=True)
-    ordered_sources = [s for s in CAPTION_SOURCES if s in diversity] + sorted(
-        s for s in diversity if s not in CAPTION_SOURCES
+    ordered_sources = [s for s in _SOURCE_ORDER if s in diversity] + sorted(
+        s for s in diversity if s not in _SOURCE_ORDER
     )
     _hist_plot(
         card_dir / "caption_length.png",
@@ -661,6 +675,7 @@ def write_dataset_card(out_dir: str | Path, manifest: dict) -> Path:
                     f"{st['mean_chars']:.1f}",
                     _fmt(st["distinct_openings"]),
                     _fmt(st["type_token_ratio"]),
+                    _fmt(len(acc.templates)) if acc.templates else "—",
                 ]
             )
         parts.append(
@@ -673,14 +688,17 @@ def write_dataset_card(out_dir: str | Path, manifest: dict) -> Path:
                     "mean chars",
                     "distinct openings",
                     "type/token",
+                    "templates used",
                 ],
                 stat_rows,
-                "lrrrrrr",
+                "lrrrrrrr",
             )
         )
         parts.append(
             "\n*distinct openings*: distinct first-three-word openings per caption; "
-            "*type/token*: distinct words over all words (lower-cased, punctuation dropped).\n"
+            "*type/token*: distinct words over all words (lower-cased, punctuation dropped); "
+            "*mllm (static)* / *mllm (template)*: MLLM captions from the static instruction / "
+            "from a sentence-pattern template; *templates used*: distinct templates.\n"
         )
     else:
         parts.append("No captions.\n")

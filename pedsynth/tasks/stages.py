@@ -42,8 +42,15 @@ StageFactory = Callable[[BaseModel, int], Any]  # (section config, build seed) -
 
 # name -> "module:factory". Imported on first use, so a build without a model stage never
 # imports torch. Later stages add one line here and one config section in schemas/config.py.
-SHARD_STAGES: dict[str, str] = {}
-DATASET_STAGES: dict[str, str] = {}
+SHARD_STAGES: dict[str, str] = {
+    "caption": "pedsynth.tasks.caption:build_stage",
+    "rewrite": "pedsynth.tasks.rewrite:build_stage",
+    "faithfulness": "pedsynth.tasks.faithfulness:build_stage",
+    "score": "pedsynth.tasks.score:build_stage",
+}
+DATASET_STAGES: dict[str, str] = {
+    "memory": "pedsynth.tasks.memory:build_stage",
+}
 
 _instances: dict[str, ShardStage] = {}
 _lock = threading.Lock()

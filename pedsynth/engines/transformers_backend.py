@@ -1,0 +1,182 @@
+"""A local Hugging Face model: ``AutoModelForCausalLM`` or ``AutoModelForImageTextToText``.
+
+Batched ``generate`` with left padding, on CPU or GPU; ``tiny-random:NAME`` models are built
+in code (``tiny_models``) and then loaded exactly like a hub id or a local folder. Hub access
+follows ``HF_HUB_OFFLINE``; remote code runs only with ``trust_remote_code: true``.
+
+Seeding: HF ``generate`` draws from one global generator, so per-request seeds cannot be
+honoured one by one inside a batch. Each batch is seeded from its requests' seeds, which makes
+a run reproducible for the same requests and ``batch_size`` (vLLM honours each seed exactly).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from pedsynth.engines.text import (
+    ChatRequest,
+    EngineError,
+    GenerationResult,
+    Kind,
+    check_unique_ids,
+    derive_seed,
+    failure,
+)
+from pedsynth.engines.tiny_models import is_tiny, tiny_model_dir
+from pedsynth.schemas.text import EngineConfig
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+class TransformersGenerator:
+    """Loads the model once; ``generate`` runs batches of ``batch_size`` under a lock."""
+
+    def __init__(self, config: EngineConfig, kind: Kind):
+        import torch
+        import transformers
+
+        self.config, self.kind = config, kind
+        self.device = resolve_device(config.device)
+        if config.cpu_threads is not None and self.device == "cpu":
+            # Process-wide: small models run fastest on one thread per worker, and two OpenMP
+            # threads per worker thrash when Prefect runs several workers on a few cores.
+            torch.set_num_threads(config.cpu_threads)
+        source = str(tiny_model_dir(config.model)) if is_tiny(config.model) else config.model
+        options: dict[str, Any] = {
+            "revision": config.revision,
+            "trust_remote_code": config.trust_remote_code,
+        }
+        try:
+            if kind == "vision":
+                self.processor = transformers.AutoProcessor.from_pretrained(source, **options)
+                self.tokenizer = self.processor.tokenizer
+                model_cls = transformers.AutoModelForImageTextToText
+            else:
+                self.processor = None
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **options)
+                model_cls = transformers.AutoModelForCausalLM
+            self.model = model_cls.from_pretrained(
+                source, dtype=resolve_dtype(config.dtype, self.device), **options
+            ).to(self.device)
+        except (OSError, ValueError, ImportError) as exc:
+            raise EngineError(f"cannot load {config.generator_id} ({kind}): {exc}") from exc
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._torch = torch
+        self._lock = threading.Lock()
+
+    @property
+    def generator_id(self) -> str:
+        return self.config.generator_id
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
+        check_unique_ids(requests)
+        results: dict[str, GenerationResult] = {}
+        ready: list[tuple[ChatRequest, Any]] = []
+        for req in requests:
+            prepared = self._prepare(req)
+            if isinstance(prepared, GenerationResult):
+                results[req.request_id] = prepared
+            else:
+                ready.append((req, prepared))
+        size = self.config.batch_size
+        for start in range(0, len(ready), size):
+            batch = ready[start : start + size]
+            for result in self._generate_batch(batch):
+                results[result.request_id] = result
+        return [results[r.request_id] for r in requests]
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare(self, req: ChatRequest) -> Any:
+        """The conversation of one request, or a failed result (bad image, wrong kind)."""
+        if req.json_schema is not None:
+            return failure(req, "unsupported", "the transformers backend has no structured output")
+        if self.kind == "text":
+            if req.image is not None:
+                return failure(req, "unsupported", "a text model got an image")
+            content: Any = req.prompt
+        else:
+            if req.image is None:
+                return failure(req, "bad_request", "a vision request needs an image")
+            from PIL import Image
+
+            try:
+                with Image.open(io.BytesIO(req.image)) as im:
+                    image = im.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                return failure(req, "bad_image", f"{type(exc).__name__}: {exc}")
+            content = [{"type": "image", "image": image}, {"type": "text", "text": req.prompt}]
+        messages = [{"role": "system", "content": req.system}] if req.system else []
+        return [*messages, {"role": "user", "content": content}]
+
+    def _sampling(self) -> dict[str, Any]:
+        cfg = self.config
+        if cfg.temperature <= 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
+
+    def _generate_batch(self, batch: Sequence[tuple[ChatRequest, Any]]) -> list[GenerationResult]:
+        if not batch:
+            return []
+        torch = self._torch
+        conversations = [conv for _, conv in batch]
+        seed = derive_seed(*(r.seed if r.seed is not None else r.request_id for r, _ in batch))
+        with self._lock, torch.inference_mode():
+            if self.processor is not None:
+                encoded = self.processor.apply_chat_template(
+                    conversations,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
+                    processor_kwargs={"padding": True},
+                )
+            else:
+                encoded = self.tokenizer.apply_chat_template(
+                    conversations,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
+                    padding=True,
+                )
+            inputs = encoded.to(self.device)
+            torch.manual_seed(seed)
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=self.config.max_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **self._sampling(),
+            )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].cpu()
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for (req, _), tokens, text in zip(batch, new_tokens.tolist(), texts, strict=True):
+            stopped = eos in tokens or self.tokenizer.pad_token_id in tokens
+            results.append(
+                GenerationResult(
+                    req.request_id, text.strip(), finish_reason="stop" if stopped else "length"
+                )
+            )
+        return results

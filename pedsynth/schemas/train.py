@@ -1,0 +1,151 @@
+"""The run config of the ``train-retriever`` flow (``configs/train-*.yaml``), validated by pydantic.
+
+Defaults are the papers' (IRRA for the model, optimiser and SDM; TextReID for CM-MoCo and
+re-ranking; LLM-DA for BSS; MLLM4Text-ReID for NAM). Errors name the key and its value, as the
+build config's do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pedsynth.schemas.config import ConfigError, _format_validation_error, apply_overrides
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which open_clip dual encoder to train.
+
+    ``name``: an open_clip architecture (``ViT-B-16``, ``pedsynth-tiny-clip-small``), an
+    ``hf-hub:org/repo`` id or ``local-dir:/path``. ``pretrained``: an open_clip tag
+    (``openai``), a local weights file (``.safetensors`` or a weights-only torch file), or
+    null for random initialisation.
+    """
+
+    name: str = "pedsynth-tiny-clip-small"
+    pretrained: str | None = None
+    image_size: tuple[int, int] | None = None  # (height, width); default: the architecture's
+    context_length: int = Field(77, ge=8, le=512)
+
+
+class AugmentConfig(_Strict):
+    """IRRA's image augmentation: flip, pad + random crop, random erasing."""
+
+    flip: bool = True
+    pad: int = Field(10, ge=0)
+    crop: bool = True
+    erasing: float = Field(0.5, ge=0.0, le=1.0)  # probability of one erased box per image
+
+
+class LossConfig(_Strict):
+    sdm: bool = True
+    sdm_tau: float = Field(0.02, gt=0)
+    id: bool = True
+    id_weight: float = Field(1.0, ge=0)
+    cm_moco: bool = False
+    moco_momentum: float = Field(0.999, ge=0, le=1)
+    moco_queue: int = Field(2048, ge=1)
+    moco_tau: float = Field(0.07, gt=0)
+    moco_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> LossConfig:
+        if not (self.sdm or self.id or self.cm_moco):
+            raise ValueError("no loss is on: enable at least one of sdm, id, cm_moco")
+        return self
+
+
+class TextConfig(_Strict):
+    """Text-side methods: BSS caption sampling, NAM masking, hard-negative batches."""
+
+    bss: bool = False
+    bss_beta: float = Field(0.2, ge=0, le=1)
+    nam: bool = False
+    nam_p: float = Field(0.15, ge=0, le=1)
+    hard_negatives: bool = True  # used only when the data has a hard_negatives column
+    hard_negative_fraction: float = Field(0.25, ge=0, lt=1)  # share of each batch
+
+
+class OptimConfig(_Strict):
+    """IRRA's optimiser: Adam, new heads at ×5 the rate, linear warm-up then cosine decay."""
+
+    lr: float = Field(1e-5, gt=0)
+    head_lr_factor: float = Field(5.0, gt=0)
+    weight_decay: float = Field(4e-5, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-3, gt=0)
+    warmup_epochs: float = Field(5.0, ge=0)
+    warmup_factor: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(256, ge=1)
+    every_epochs: int = Field(1, ge=1)
+    rerank: bool = False  # also report k-reciprocal re-ranked metrics
+    rerank_k: int = Field(5, ge=1)
+    rerank_weight: float = Field(0.05, ge=0)
+
+
+class TrainConfig(_Strict):
+    name: str = "retriever"
+    data: str | None = None  # a pedsynth build folder, or FORMAT:PATH of a raw dataset
+    out: str = "runs/retriever"
+    seed: int = 0
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(64, ge=2)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop early (quick runs, benchmarks)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # mixed precision on CUDA; ignored on CPU
+    num_workers: int = Field(2, ge=0)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads
+    shuffle_blocks: int = Field(8, ge=1)  # row groups shuffled together (streaming locality)
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    text: TextConfig = TextConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def load_train_config(
+    path: str | Path | None = None,
+    *,
+    data: str | None = None,
+    out: str | None = None,
+    overrides: list[str] | None = None,
+) -> TrainConfig:
+    """Read a YAML train config, apply ``--set key=value`` and command-line values, validate."""
+    raw: dict[str, Any] = {}
+    origin = "config"
+    if path is not None:
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: the top level must be a mapping, got {type(loaded).__name__}"
+            )
+        raw = loaded or {}
+    apply_overrides(raw, list(overrides or []))
+    if data is not None:
+        raw["data"] = data
+    if out is not None:
+        raw["out"] = out
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, raw, origin)) from None

@@ -1,0 +1,134 @@
+"""Training losses of the retriever, as plain functions over tensors.
+
+- :func:`sdm_loss` — IRRA's similarity distribution matching.
+- :func:`id_loss` — identity classification on both modalities with one shared classifier.
+- :func:`cm_moco_loss` and :class:`MomentumQueues` — TextReID's cross-modal momentum contrast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sdm_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    person_ids: torch.Tensor,
+    *,
+    tau: float = 0.02,
+    epsilon: float = 1e-8,
+) -> torch.Tensor:
+    """KL(softmax(cos/τ) ‖ identity-label distribution), image→text plus text→image (IRRA).
+
+    The label distribution of a row spreads evenly over the batch items of the same identity,
+    so several images or captions of one person in a batch are all positives.
+    """
+    image = F.normalize(image_features, dim=1)
+    text = F.normalize(text_features, dim=1)
+    pids = person_ids.reshape(-1, 1)
+    labels = (pids == pids.T).float()
+    label_distribution = labels / labels.sum(dim=1, keepdim=True)
+    t2i = text @ image.T / tau
+    i2t = t2i.T
+    log_labels = torch.log(label_distribution + epsilon)
+    i2t_loss = F.softmax(i2t, dim=1) * (F.log_softmax(i2t, dim=1) - log_labels)
+    t2i_loss = F.softmax(t2i, dim=1) * (F.log_softmax(t2i, dim=1) - log_labels)
+    return i2t_loss.sum(dim=1).mean() + t2i_loss.sum(dim=1).mean()
+
+
+def id_loss(
+    image_logits: torch.Tensor, text_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the shared identity classifier on image and on text features (IRRA)."""
+    return F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)
+
+
+def _contrast(
+    queries: torch.Tensor,
+    positive_keys: torch.Tensor,
+    queue: torch.Tensor,
+    queue_ids: torch.Tensor,
+    ids: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
+    """InfoNCE: each query against its own key and the queue minus its identity's entries."""
+    positive = (queries * positive_keys).sum(dim=1, keepdim=True)
+    negatives = queries @ queue.T
+    same_identity = ids.reshape(-1, 1) == queue_ids.reshape(1, -1)
+    negatives = negatives.masked_fill(same_identity, float("-inf"))
+    logits = torch.cat([positive, negatives], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=ids.device))
+
+
+def cm_moco_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    momentum_image_features: torch.Tensor,
+    momentum_text_features: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    queue_ids: torch.Tensor,
+    person_ids: torch.Tensor,
+    *,
+    tau: float = 0.07,
+) -> torch.Tensor:
+    """Cross-modal momentum contrast (TextReID): text queries against momentum image keys and
+    the image queue, image queries against momentum text keys and the text queue.
+
+    Queue entries of the query's own identity are removed from its negatives (they are not
+    negatives). Queue slots never filled carry id -1 and zero features: they are masked out
+    through ``queue_ids`` by :class:`MomentumQueues` (only filled slots are passed).
+    """
+    image = F.normalize(image_features, dim=1)
+    text = F.normalize(text_features, dim=1)
+    m_image = F.normalize(momentum_image_features, dim=1)
+    m_text = F.normalize(momentum_text_features, dim=1)
+    t2i = _contrast(text, m_image, image_queue, queue_ids, person_ids, tau)
+    i2t = _contrast(image, m_text, text_queue, queue_ids, person_ids, tau)
+    return t2i + i2t
+
+
+class MomentumQueues(nn.Module):
+    """Feature and identity queues of CM-MoCo, kept as buffers so they live in checkpoints."""
+
+    def __init__(self, dim: int, size: int = 2048) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("image_queue", torch.zeros(size, dim))
+        self.register_buffer("text_queue", torch.zeros(size, dim))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image queue, text queue, ids) of the filled slots only."""
+        n = int(self.filled)
+        return self.image_queue[:n], self.text_queue[:n], self.ids[:n]
+
+    @torch.no_grad()
+    def push(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> None:
+        """Enqueue a batch of momentum features (normalised), overwriting the oldest entries."""
+        n = len(ids)
+        if n > self.size:
+            image, text, ids, n = (
+                image[-self.size :],
+                text[-self.size :],
+                ids[-self.size :],
+                self.size,
+            )
+        start = int(self.pointer)
+        slots = (torch.arange(n, device=ids.device) + start) % self.size
+        self.image_queue[slots] = F.normalize(image.float(), dim=1)
+        self.text_queue[slots] = F.normalize(text.float(), dim=1)
+        self.ids[slots] = ids
+        self.pointer.fill_((start + n) % self.size)
+        self.filled.fill_(min(self.size, int(self.filled) + n))
+
+
+@torch.no_grad()
+def momentum_update(online: nn.Module, momentum: nn.Module, m: float = 0.999) -> None:
+    """θ_momentum ← m·θ_momentum + (1 − m)·θ_online, parameter by parameter."""
+    for p_online, p_momentum in zip(online.parameters(), momentum.parameters(), strict=True):
+        p_momentum.mul_(m).add_(p_online.detach(), alpha=1 - m)

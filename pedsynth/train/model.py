@@ -1,0 +1,112 @@
+"""The dual encoder: an open_clip model plus IRRA's shared identity classifier.
+
+Image feature = the pooled (CLS) embedding, text feature = the end-of-text token's embedding,
+both projected; :meth:`DualEncoder.forward` returns them unnormalised (the ID classifier
+sees them as IRRA does) and losses and retrieval normalise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pedsynth.schemas.train import ModelConfig
+
+
+def create_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Build the open_clip model and its tokenizer from a config; nothing else is downloaded
+    than what ``cfg.pretrained`` names (a tag needs the hub; a local file does not)."""
+    import open_clip
+
+    from pedsynth.engines.tiny_clip import register_tiny_clips
+
+    register_tiny_clips()
+    kwargs: dict[str, Any] = {"device": device, "weights_only": True}
+    if cfg.image_size is not None:
+        kwargs["force_image_size"] = tuple(cfg.image_size)
+    pretrained = cfg.pretrained if cfg.pretrained not in (None, "", "random") else None
+    model = open_clip.create_model(cfg.name, pretrained=pretrained, **kwargs)
+    tokenizer = open_clip.get_tokenizer(cfg.name, context_length=cfg.context_length)
+    return model, tokenizer
+
+
+def image_size_of(clip: nn.Module) -> tuple[int, int]:
+    size = clip.visual.image_size
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def embed_dim_of(clip: nn.Module) -> int:
+    return int(clip.visual.output_dim)
+
+
+def encode_text_trimmed(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` over only the columns up to the batch's last token.
+
+    Under the causal mask, positions after end-of-text cannot change the end-of-text feature,
+    so cutting the all-padding tail gives the same result at a fraction of the cost (person
+    descriptions use ~30 of 77 positions). Other model classes use their own method.
+    """
+    supported = all(
+        hasattr(clip, name)
+        for name in ("token_embedding", "positional_embedding", "transformer", "ln_final")
+    )
+    if not supported or getattr(clip, "text_pool_type", "argmax") != "argmax":
+        return clip.encode_text(tokens, normalize=False)
+    used = torch.nonzero(tokens.ne(0).any(dim=0)).flatten()
+    length = int(used[-1]) + 1 if len(used) else 1
+    tokens = tokens[:, :length]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast_dtype)
+    x = x + clip.positional_embedding[:length].to(cast_dtype)
+    mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
+    x = clip.transformer(x, attn_mask=mask)
+    x = clip.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    projection = clip.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+class DualEncoder(nn.Module):
+    """open_clip image and text towers + one linear identity classifier shared by both."""
+
+    def __init__(self, clip: nn.Module, num_identities: int) -> None:
+        super().__init__()
+        self.clip = clip
+        self.classifier = nn.Linear(embed_dim_of(clip), max(1, num_identities))
+        nn.init.normal_(self.classifier.weight, std=0.001)
+        nn.init.zeros_(self.classifier.bias)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images, normalize=False)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return encode_text_trimmed(self.clip, tokens)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """New layers (not in the pretrained CLIP): trained at ``head_lr_factor`` × the rate."""
+        return list(self.classifier.parameters())
+
+
+class MomentumEncoder(nn.Module):
+    """A frozen copy of the CLIP towers updated by EMA (CM-MoCo's key encoders)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        import copy
+
+        self.clip = copy.deepcopy(clip)
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (
+            self.clip.encode_image(images, normalize=True),
+            self.clip.encode_text(tokens, normalize=True),
+        )

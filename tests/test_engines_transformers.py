@@ -1,0 +1,95 @@
+"""The transformers backend with tiny random models built in code, and the engine cache."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from pedsynth.engines import text as engines
+from pedsynth.engines.text import ChatRequest, EngineError
+from pedsynth.engines.tiny_models import tiny_model_dir
+from pedsynth.schemas.text import EngineConfig
+from tests.text_shards import torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
+
+
+LLAMA = EngineConfig(model="tiny-random:llama", max_tokens=12, batch_size=4)
+LLAVA = EngineConfig(model="tiny-random:llava", max_tokens=12, batch_size=4)
+
+
+def _jpeg(colour: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 48), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_tiny_models_are_built_once_and_load_through_auto_classes():
+    from transformers import AutoConfig
+
+    folder = tiny_model_dir("tiny-random:llava")
+    assert tiny_model_dir("tiny-random:llava") == folder  # reused, not rebuilt
+    assert AutoConfig.from_pretrained(folder).model_type == "llava"
+    assert AutoConfig.from_pretrained(tiny_model_dir("tiny-random:llama")).model_type == "llama"
+    with pytest.raises(ValueError, match="unknown tiny model"):
+        tiny_model_dir("tiny-random:gpt5")
+
+
+def test_engines_are_cached_per_config_and_kind():
+    first = engines.get_generator(LLAMA, "text")
+    assert engines.get_generator(LLAMA.model_copy(), "text") is first
+    assert engines.get_generator(LLAMA.model_copy(update={"max_tokens": 5}), "text") is not first
+    assert first.generator_id == "transformers:tiny-random:llama@default"
+
+
+def test_text_generation_is_batched_ordered_and_seeded():
+    gen = engines.get_generator(LLAMA, "text")
+    requests = [ChatRequest(f"r{i}", f"Rewrite caption {i}", seed=i) for i in range(6)]
+    first = gen.generate(requests)
+    assert [r.request_id for r in first] == [f"r{i}" for i in range(6)]
+    assert all(r.ok and r.text for r in first)
+    # The tiny model's generation config keeps its noise to printable ASCII.
+    assert all(32 <= ord(ch) < 127 for r in first for ch in r.text)
+    assert [r.text for r in gen.generate(requests)] == [r.text for r in first]
+    reseeded = [ChatRequest(r.request_id, r.prompt, seed=100 + i) for i, r in enumerate(requests)]
+    assert [r.text for r in gen.generate(reseeded)] != [r.text for r in first]
+
+
+def test_vision_generation_answers_bad_requests_per_request():
+    gen = engines.get_generator(LLAVA, "vision")
+    results = gen.generate(
+        [
+            ChatRequest("red", "Describe the person.", image=_jpeg("red"), seed=1),
+            ChatRequest("junk", "Describe the person.", image=b"definitely not a jpeg"),
+            ChatRequest("text-only", "Describe the person."),
+            ChatRequest("blue", "Describe the person.", image=_jpeg("blue"), seed=2),
+            ChatRequest("json", "x", image=_jpeg("red"), json_schema={"type": "object"}),
+        ]
+    )
+    assert [r.request_id for r in results] == ["red", "junk", "text-only", "blue", "json"]
+    assert results[0].ok and results[3].ok
+    assert results[1].error.startswith("bad_image:")
+    assert results[2].error.startswith("bad_request:")
+    assert results[4].error.startswith("unsupported:")
+    text = engines.get_generator(LLAMA, "text").generate(
+        [ChatRequest("img", "x", image=_jpeg("red"))]
+    )
+    assert text[0].error.startswith("unsupported:")
+
+
+def test_unknown_model_is_a_clear_engine_error():
+    cfg = EngineConfig(model="/nonexistent/model/folder")
+    with pytest.raises(EngineError, match="cannot load"):
+        engines.create_generator(cfg, "text")
+
+
+def test_duplicate_request_ids_are_refused():
+    gen = engines.get_generator(LLAMA, "text")
+    with pytest.raises(ValueError, match="unique"):
+        gen.generate([ChatRequest("a", "x"), ChatRequest("a", "y")])
