@@ -338,6 +338,9 @@ class Run:
     manifest: dict[str, Any] | None = None
 
 
+STAGES_OFF = ["caption=", "rewrite=", "faithfulness=", "score=", "memory="]
+
+
 def run_pedsynth(source: Path, out: Path) -> Run:
     """One ``build_dataset`` flow run, with its CPU time and the breakdown spans."""
     from pedsynth.flows.build_dataset import build_dataset
@@ -348,7 +351,8 @@ def run_pedsynth(source: Path, out: Path) -> Run:
             config=str(CONFIG),
             sources=[f"{LABEL}:{source}"],
             out=str(out),
-            overrides=[f"shard_rows={SHARD_ROWS}", f"workers={WORKERS}"],
+            # ingest + write only: the model stages of the offline config are switched off
+            overrides=[f"shard_rows={SHARD_ROWS}", f"workers={WORKERS}", *STAGES_OFF],
         )
         seconds = time.perf_counter() - t0
         server = _children_cpu() - k0
