@@ -71,3 +71,14 @@ def test_duplicate_source_names_rejected():
         ]
     )
     assert [s.label for s in cfg.sources] == ["folder", "other"]
+
+
+def test_set_reaches_into_lists(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sources: [{format: procedural, path: p, identities: 200}]\n")
+    cfg = load_config(path, overrides=["sources.0.identities=30", "ingest.min_side=4"])
+    assert cfg.sources[0].identities == 30 and cfg.ingest.min_side == 4
+    with pytest.raises(ConfigError, match="no item '3'"):
+        load_config(path, overrides=["sources.3.path=x"])
+    with pytest.raises(ConfigError, match="'path' is not a section"):
+        load_config(path, overrides=["sources.0.path.x=1"])

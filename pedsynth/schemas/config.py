@@ -112,16 +112,27 @@ def _format_validation_error(err: ValidationError, data: dict, origin: str) -> s
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested mappings; a number indexes a list (``sources.0.path``)."""
     keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        child = node.get(k)
-        if child is None:
-            child = node[k] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
-        node = child
-    node[keys[-1]] = value
+    node: Any = data
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"--set {dotted}: no item {k!r} in a list of {len(node)}")
+            if last:
+                node[int(k)] = value
+            else:
+                node = node[int(k)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {keys[depth - 1]!r} is not a section")
+        if last:
+            node[k] = value
+        else:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
