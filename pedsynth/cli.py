@@ -110,8 +110,15 @@ def _train(args: argparse.Namespace) -> int:
     # Validate before starting Prefect, so a typo costs a second, not a server start.
     load_train_config(args.config, data=args.data, out=args.out, overrides=args.set)
     from pedsynth.flows.train import train_retriever
+    from pedsynth.train.data import DataError
 
-    result = train_retriever(config=args.config, data=args.data, out=args.out, overrides=args.set)
+    try:
+        result = train_retriever(
+            config=args.config, data=args.data, out=args.out, overrides=args.set
+        )
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     shown = {k: result[k] for k in ("checkpoint", "val", "test") if k in result}
     print(json.dumps(shown, indent=2))
     return 0

@@ -106,8 +106,17 @@ def test_all_methods_on_together(data, tmp_path):
             "eval": cfg.eval.model_copy(update={"rerank": True}),
         }
     )
-    result = train(cfg)
+    answers: list[int] = []
+
+    def garbage_ranker(query: str, images: list) -> str:
+        answers.append(len(images))
+        return "no idea"
+
+    result = train(cfg, ranker=garbage_ranker)
     epoch = result["history"][0]
+    # The vision-language re-ranking hook ran on test; unparseable answers keep index order.
+    assert answers and result["test"]["rar_parse_failure_rate"] == 1.0
+    assert result["test"]["rar_R1"] == result["test"]["R1"]
     assert {"sdm", "id", "cm_moco"} <= set(epoch) and all(
         math.isfinite(epoch[k]) for k in ("sdm", "id", "cm_moco")
     )
