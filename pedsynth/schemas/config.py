@@ -145,6 +145,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The mapping in a YAML config file (empty for ``None``), or a ConfigError saying why not."""
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -153,21 +168,8 @@ def load_config(
     overrides: list[str] | None = None,
 ) -> BuildConfig:
     """Read a YAML config, apply command-line values on top, and validate the result."""
-    data: dict[str, Any] = {}
-    origin = "config"
-    if path is not None:
-        origin = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(
-                f"{path}: the top level must be a mapping, got {type(loaded).__name__}"
-            )
-        data = loaded or {}
+    data = read_config_file(path)
+    origin = "config" if path is None else str(path)
     apply_overrides(data, list(overrides or []))
     if sources:
         data["sources"] = [SourceConfig.parse(s).model_dump(exclude_defaults=True) for s in sources]

@@ -8,12 +8,16 @@ build config's do.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pedsynth.schemas.config import ConfigError, _format_validation_error, apply_overrides
+from pedsynth.schemas.config import (
+    ConfigError,
+    _format_validation_error,
+    apply_overrides,
+    read_config_file,
+)
 
 
 class _Strict(BaseModel):
@@ -125,21 +129,8 @@ def load_train_config(
     overrides: list[str] | None = None,
 ) -> TrainConfig:
     """Read a YAML train config, apply ``--set key=value`` and command-line values, validate."""
-    raw: dict[str, Any] = {}
-    origin = "config"
-    if path is not None:
-        origin = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(
-                f"{path}: the top level must be a mapping, got {type(loaded).__name__}"
-            )
-        raw = loaded or {}
+    raw = read_config_file(path)
+    origin = "config" if path is None else str(path)
     apply_overrides(raw, list(overrides or []))
     if data is not None:
         raw["data"] = data
