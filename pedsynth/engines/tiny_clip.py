@@ -12,41 +12,31 @@ import json
 import tempfile
 from pathlib import Path
 
+
+def _tiny_config(image_size: tuple[int, int]) -> dict:
+    """4 layers of width 64 in both towers, 16-pixel patches; the real CLIP BPE vocabulary."""
+    return {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "image_size": list(image_size),
+            "layers": 4,
+            "width": 64,
+            "head_width": 32,
+            "patch_size": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 2,
+            "layers": 4,
+        },
+    }
+
+
 TINY_CLIP_CONFIGS: dict[str, dict] = {
-    "pedsynth-tiny-clip": {
-        "embed_dim": 64,
-        "vision_cfg": {
-            "image_size": [384, 128],
-            "layers": 4,
-            "width": 64,
-            "head_width": 32,
-            "patch_size": 16,
-        },
-        "text_cfg": {
-            "context_length": 77,
-            "vocab_size": 49408,
-            "width": 64,
-            "heads": 2,
-            "layers": 4,
-        },
-    },
-    "pedsynth-tiny-clip-small": {
-        "embed_dim": 64,
-        "vision_cfg": {
-            "image_size": [128, 64],
-            "layers": 4,
-            "width": 64,
-            "head_width": 32,
-            "patch_size": 16,
-        },
-        "text_cfg": {
-            "context_length": 77,
-            "vocab_size": 49408,
-            "width": 64,
-            "heads": 2,
-            "layers": 4,
-        },
-    },
+    "pedsynth-tiny-clip": _tiny_config((384, 128)),
+    "pedsynth-tiny-clip-small": _tiny_config((128, 64)),
 }
 
 _registered = False
