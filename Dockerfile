@@ -9,9 +9,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip git \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip git \
  && rm -rf /var/lib/apt/lists/* \
- && python3.11 -m venv /opt/venv
+ && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /opt/pedsynth
@@ -19,6 +19,8 @@ COPY pyproject.toml README.md ./
 COPY pedsynth ./pedsynth
 COPY configs ./configs
 COPY prefect.yaml ./
+# Real models are fetched from the hub on first use; mount a cache to keep them across runs.
+ENV HF_HOME=/cache/huggingface
 RUN pip install --upgrade pip && pip install ".[gpu]"
 
 # Flows run from the project root, where prefect.yaml's entrypoints and configs/ resolve.
