@@ -18,6 +18,7 @@ from pedsynth.schemas.config import (
     apply_overrides,
     read_config_file,
 )
+from pedsynth.schemas.text import EngineConfig
 
 
 class _Strict(BaseModel):
@@ -97,6 +98,9 @@ class EvalConfig(_Strict):
     rerank: bool = False  # also report k-reciprocal re-ranked metrics
     rerank_k: int = Field(5, ge=1)
     rerank_weight: float = Field(0.05, ge=0)
+    # RAR: a vision-language engine re-ranks each test query's top 10 (index order kept where
+    # its answer cannot be parsed); adds rar_* metrics and the parse-failure rate.
+    rerank_model: EngineConfig | None = None
 
 
 class TrainConfig(_Strict):

@@ -296,6 +296,10 @@ def train(
     """
     if cfg.data is None:
         raise ConfigError("data: not set; give --data OUT (a pedsynth build) or FORMAT:PATH")
+    if ranker is None and cfg.eval.rerank_model is not None:
+        from pedsynth.train.engine_ranker import engine_ranker
+
+        ranker = engine_ranker(cfg.eval.rerank_model, seed=cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
