@@ -35,10 +35,9 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
+from report import BENCHMARKS_MD, write_section  # benchmarks/report.py
+
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-START_MARK = "<!-- caption:start -->"
-END_MARK = "<!-- caption:end -->"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -225,18 +224,6 @@ def render(results: list[dict], args: argparse.Namespace, command: str) -> str:
     )
 
 
-def write_section(body: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace (or append) this script's section of BENCHMARKS.md, between its markers."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{START_MARK}\n{body}{END_MARK}\n"
-    start, end = text.find(START_MARK), text.find(END_MARK)
-    if start != -1 and end != -1:
-        text = text[:start] + section + text[end + len(END_MARK) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, nargs="+", default=[256])
@@ -263,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     body = render(results, args, command.strip())
     print(body)
     if args.write:
-        write_section(body)
+        write_section("caption", body)
         print(f"wrote the caption section of {BENCHMARKS_MD}")
     return 0
 

@@ -52,12 +52,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
+from report import BENCHMARKS_MD, write_section  # benchmarks/report.py
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "offline-tiny.yaml"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-START_MARK = "<!-- ingest_write:start -->"
-END_MARK = "<!-- ingest_write:end -->"
 SHARD_ROWS = 5_000
 WORKERS = 2
 LABEL = "cuhk-pedes"  # pedsynth's image/person id prefix for a cuhk-pedes source
@@ -524,24 +522,6 @@ def render(results: list[Result], info: dict[str, str], command: str, notes: lis
     return "\n".join(lines) + "\n"
 
 
-def write_section(body: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (creating the file or section)."""
-    section = f"{START_MARK}\n{body}{END_MARK}\n"
-    if not path.exists():
-        path.write_text(
-            "# Benchmarks\n\nMeasured numbers; each section is rewritten by the script named in "
-            "its heading (`--write`).\n\n" + section
-        )
-        return
-    text = path.read_text()
-    start, end = text.find(START_MARK), text.find(END_MARK)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(END_MARK) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 # --------------------------------------------------------------------------------------------
 # main
 
@@ -674,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     body = render(results, machine_info(), command, notes)
     print("\n" + body)
     if args.write:
-        write_section(body)
+        write_section("ingest_write", body)
         print(f"updated {BENCHMARKS_MD}")
     if not args.keep:
         shutil.rmtree(runs, ignore_errors=True)

@@ -32,11 +32,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from report import write_section  # benchmarks/report.py
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-START_MARK = "<!-- score:start -->"
-END_MARK = "<!-- score:end -->"
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 
@@ -196,18 +194,6 @@ def render(rows: list[Row], args: argparse.Namespace, device: str, peak: float |
     return "\n".join(lines)
 
 
-def write_section(body: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (creating the file or section)."""
-    section = f"{START_MARK}\n{body}{END_MARK}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(START_MARK), text.find(END_MARK)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(END_MARK) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["pedsynth-tiny-clip", "ViT-B-16"])
@@ -240,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     body = render(rows, args, device_name, peak)
     print(body)
     if args.write:
-        write_section(body)
+        write_section("score", body)
     return 0
 
 

@@ -21,21 +21,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from report import write_section  # benchmarks/report.py
+
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-
-
-def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace (or append) one section of BENCHMARKS.md, between its markers."""
-    start_mark, end_mark = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{start_mark}\n{body}{end_mark}\n"
-    start, end = text.find(start_mark), text.find(end_mark)
-    if start != -1 and end != -1:
-        text = text[:start] + section + text[end + len(end_mark) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def machine() -> str:
