@@ -125,9 +125,9 @@ class Baseline:
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
+    from pedsynth.engines.device import resolve_device, resolve_dtype
     from pedsynth.engines.text import get_generator
     from pedsynth.engines.tiny_models import is_tiny, tiny_model_dir
-    from pedsynth.engines.transformers_backend import resolve_device, resolve_dtype
     from pedsynth.prompts import load_prompt
     from pedsynth.schemas.text import CaptionConfig, EngineConfig
     from pedsynth.tasks.caption import CaptionStage

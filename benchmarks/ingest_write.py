@@ -268,12 +268,12 @@ class Spans:
 @contextmanager
 def timed_pedsynth() -> Iterator[Spans]:
     """Wrap a few pedsynth functions with timers (behaviour unchanged) for the breakdown."""
-    from pedsynth.tasks import ingest, shards, sources, write
+    from pedsynth.tasks import ingest, shards, sources, stages, write
 
     spans = Spans()
     targets: list[tuple[Any, str, str]] = [
         (sources, "plan_chunks", "catalog"),
-        (sources, "ingest_chunk", "ingest"),
+        (stages, "run_shard_stage", "ingest"),  # the only shard stage these builds run
         (ingest, "load_images", "load_images"),
         (shards, "write_parquet_atomic", "work_parquet"),
         (write, "write_dataset", "write"),

@@ -211,7 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
-    from pedsynth.engines.clip import resolve_device, resolve_dtype
+    from pedsynth.engines.device import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     args.precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[

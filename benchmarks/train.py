@@ -116,7 +116,8 @@ def throughput(args: argparse.Namespace) -> str:
 
     from pedsynth.schemas.train import load_train_config
     from pedsynth.train import losses
-    from pedsynth.train.data import TrainDataset, load_split
+    from pedsynth.train.data import load_split
+    from pedsynth.train.datasets import BlockShuffleBatchSampler, TrainDataset
     from pedsynth.train.loop import train
     from pedsynth.train.model import DualEncoder, create_clip
 
@@ -145,8 +146,6 @@ def throughput(args: argparse.Namespace) -> str:
             augment_cfg=cfg.augment,
             text_cfg=cfg.text,
         )
-        from pedsynth.train.data import BlockShuffleBatchSampler
-
         sampler = BlockShuffleBatchSampler(index, cfg.batch_size, seed=0)
         batches = [default_collate([ds[k] for k in keys]) for keys in sampler]
         model = DualEncoder(clip, len(labels))

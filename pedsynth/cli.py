@@ -8,7 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from pedsynth.schemas.config import SOURCE_FORMATS, ConfigError, load_config
+from pedsynth import errors
+from pedsynth.errors import PreflightError
+from pedsynth.preflight import check_build
+from pedsynth.schemas.config import SOURCE_FORMATS, load_config
+from pedsynth.schemas.manifest import Manifest
 
 
 def _sample_data(args: argparse.Namespace) -> int:
@@ -27,10 +31,14 @@ def _sample_data(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    # Validate before starting Prefect, so a typo costs a second, not a server start.
-    load_config(args.config, sources=args.source, out=args.out, overrides=args.set)
-    from pedsynth.flows.build_dataset import build_dataset
+    # Validate and check paths before starting Prefect, so a typo costs a second, not a
+    # server start, and ends in one line that says what to fix.
+    cfg = load_config(args.config, sources=args.source, out=args.out, overrides=args.set)
+    check_build(cfg)
+    from pedsynth.flows.build_dataset import build_dataset  # sets up Prefect's logging
 
+    errors.start_log_file(cfg.out, "build", debug=args.debug)
+    errors.quiet_prefect_tracebacks(debug=args.debug)
     manifest = build_dataset(
         config=args.config,
         sources=args.source,
@@ -38,59 +46,61 @@ def _build(args: argparse.Namespace) -> int:
         overrides=args.set,
         show_progress=sys.stderr.isatty(),
     )
-    print(summarize(manifest))
+    print(summarize(Manifest.model_validate(manifest), reused=manifest.get("reused", False)))
     return 0
 
 
-def summarize(manifest: dict) -> str:
+def summarize(manifest: Manifest, *, reused: bool = False) -> str:
     """A few lines a person can read: counts per split and stage, rejects by reason."""
-    t = manifest["totals"]
+    t = manifest.totals
     lines = [
-        f"{manifest['name']}  schema {manifest['schema_version']}  "
-        f"code {manifest['code_version']}  created {manifest['created']}",
-        f"{t['pairs']} pairs, {t['images']} images, {t['identities']} identities, "
-        f"{t['rejects']} rejects, {len(manifest['shards'])} shards",
+        f"{manifest.name}  schema {manifest.schema_version}  "
+        f"code {manifest.code_version}  created {manifest.created}",
+        f"{t.pairs} pairs, {t.images} images, {t.identities} identities, "
+        f"{t.rejects} rejects, {len(manifest.shards)} shards"
+        + ("  (already built: nothing to do)" if reused else ""),
     ]
-    for split, v in t["by_split"].items():
+    for split, v in t.by_split.items():
         lines.append(
-            f"  {split:<6} {v['pairs']:>8} pairs {v['images']:>8} images "
-            f"{v['identities']:>7} identities"
+            f"  {split:<6} {v.pairs:>8} pairs {v.images:>8} images {v.identities:>7} identities"
         )
-    lines.append("stages:")
-    for stage, c in manifest["stages"].items():
-        reasons = ", ".join(f"{k}={v}" for k, v in c.get("rejects_by_reason", {}).items())
+    lines.append(
+        f"  {'stage':<12} {'rows in':>8} {'rows out':>9} {'rejected':>9} {'reused':>9} {'time':>9}"
+    )
+    for stage, c in manifest.stages.items():
+        reasons = ", ".join(f"{k}={v}" for k, v in c.rejects_by_reason.items())
         lines.append(
-            f"  {stage:<12} out {c.get('rows_out', 0):>8}  rejected "
-            f"{c.get('rejected', 0):>6}" + (f"  ({reasons})" if reasons else "")
+            f"  {stage:<12} {c.rows_in:>8} {c.rows_out:>9} {c.rejected:>9} "
+            f"{f'{c.reused}/{c.shards}':>9} {c.seconds:>8.1f}s"
+            + (f"  ({reasons})" if reasons else "")
         )
-    if t.get("identities_in_several_splits"):
+    if t.identities_in_several_splits:
         lines.append(
-            f"warning: {t['identities_in_several_splits']} identities are in more than one split"
+            f"warning: {t.identities_in_several_splits} identities are in more than one split"
         )
     return "\n".join(lines)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    path = Path(args.out) / "manifest.json"
-    if not path.exists():
-        print(
-            f"error: {path} not found (is {args.out} a finished pedsynth build?)", file=sys.stderr
+    try:
+        manifest = Manifest.load(args.out)
+    except ValueError as exc:
+        raise PreflightError(f"{args.out}: manifest.json cannot be read: {exc}") from None
+    if manifest is None:
+        raise PreflightError(
+            f"{Path(args.out) / 'manifest.json'} not found "
+            f"(is {args.out} a finished pedsynth build?)"
         )
-        return 2
-    manifest = json.loads(path.read_text())
-    print(json.dumps(manifest, indent=2) if args.json else summarize(manifest))
+    print(
+        json.dumps(manifest.model_dump(mode="json"), indent=2) if args.json else summarize(manifest)
+    )
     return 0
 
 
 def _search(args: argparse.Namespace) -> int:
-    from pedsynth.engines.clip import ClipLoadError
-    from pedsynth.tasks.memory import search
+    from pedsynth.search import search
 
-    try:
-        hits = search(args.out, args.text, args.k, split=args.split)
-    except (ValueError, ClipLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    hits = search(args.out, args.text, args.k, split=args.split)  # errors: see main()
     if args.json:
         print(json.dumps(hits, indent=2))
         return 0
@@ -108,17 +118,12 @@ def _train(args: argparse.Namespace) -> int:
     from pedsynth.schemas.train import load_train_config
 
     # Validate before starting Prefect, so a typo costs a second, not a server start.
-    load_train_config(args.config, data=args.data, out=args.out, overrides=args.set)
-    from pedsynth.flows.train import train_retriever
-    from pedsynth.train.data import DataError
+    cfg = load_train_config(args.config, data=args.data, out=args.out, overrides=args.set)
+    from pedsynth.flows.train import train_retriever  # sets up Prefect's logging
 
-    try:
-        result = train_retriever(
-            config=args.config, data=args.data, out=args.out, overrides=args.set
-        )
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    errors.start_log_file(cfg.out, "train", debug=args.debug)
+    errors.quiet_prefect_tracebacks(debug=args.debug)
+    result = train_retriever(config=args.config, data=args.data, out=args.out, overrides=args.set)
     shown = {k: result[k] for k in ("checkpoint", "val", "test") if k in result}
     print(json.dumps(shown, indent=2))
     return 0
@@ -171,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set shard_rows=500 (repeatable)",
     )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on the terminal")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("train", help="train and evaluate a retriever (train-retriever flow)")
@@ -178,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/train-tiny.yaml", help="a YAML train config")
     p.add_argument("--out", default=None, help="run folder (overrides the config's `out`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on the terminal")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("ablate", help="train with and without BSS, NAM, CM-MoCo on noisy captions")
@@ -206,18 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The first start of the embedded server migrates its database; on a busy machine that
+    # takes longer than Prefect's default wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. `pedsynth inspect OUT | head`: the reader left, fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            raise
+        return errors.report(exc)
 
 
 if __name__ == "__main__":

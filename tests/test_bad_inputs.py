@@ -46,6 +46,8 @@ def bad_corpus(tmp_path: Path) -> tuple[Path, Path, dict]:
         if data is not None:
             (imgs / name).write_bytes(data)
     Image.new("L", (3000, 3000)).save(imgs / "huge.png")
+    (imgs / "loop.jpg").symlink_to("loop2.jpg")  # a link loop: open fails even as root
+    (imgs / "loop2.jpg").symlink_to("loop.jpg")
     good_caption = "A man in a red jacket and blue jeans walks with a black backpack."
     records = [
         {"id": 1, "split": "train", "file_path": "good1.jpg", "captions": [good_caption, "   "]},
@@ -62,6 +64,7 @@ def bad_corpus(tmp_path: Path) -> tuple[Path, Path, dict]:
         {"id": 4, "split": "train", "file_path": "text.jpg", "captions": [good_caption]},
         {"id": 5, "split": "train", "file_path": "huge.png", "captions": [good_caption]},
         {"id": 5, "split": "train", "file_path": "tiny.jpg", "captions": [good_caption]},
+        {"id": 5, "split": "train", "file_path": "loop.jpg", "captions": [good_caption]},
         {"id": "abc", "split": "train", "file_path": "good1.jpg", "captions": [good_caption]},
         {"id": 6, "split": "train", "file_path": "good1.jpg", "captions": "not a list"},
         {"id": 6, "split": "holdout", "file_path": "good3.jpg", "captions": [good_caption]},
@@ -81,6 +84,7 @@ def bad_corpus(tmp_path: Path) -> tuple[Path, Path, dict]:
             "undecodable": 1,
             "too_large": 1,
             "too_small": 1,
+            "unreadable_file": 1,
             "bad_record": 3,
             "malformed_json": 1,
         }
@@ -105,6 +109,9 @@ def test_each_bad_input_becomes_a_reject_and_good_rows_arrive(prefect_server, ba
     assert "truncated.jpg" in by_reason["truncated"]["source"] + str(
         by_reason["truncated"]["image_id"]
     )
+    unreadable = by_reason["unreadable_file"]
+    assert unreadable["image_id"] == "cuhk-pedes:loop.jpg"
+    assert unreadable["detail"].endswith("loop.jpg: Too many levels of symbolic links")
 
     data = pq.read_table(out / "data").to_pylist()
     assert sorted(r["image"]["path"] for r in data) == ["good1.jpg", "good2.jpg", "good3.jpg"]

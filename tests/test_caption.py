@@ -11,7 +11,9 @@ from pedsynth.prompts import PROMPT_NAMES, load_prompt, load_templates
 from pedsynth.schemas.tables import PAIRS_SCHEMA
 from pedsynth.schemas.text import CaptionConfig, EngineConfig
 from pedsynth.tasks import caption as caption_mod
-from pedsynth.tasks.caption import CaptionStage, Rejected, check_generated
+from pedsynth.tasks.caption import CaptionStage
+from pedsynth.tasks.regenerate import Rejected
+from pedsynth.tasks.text_checks import check_generated
 from tests.text_shards import ingest_procedural, torch_threads, uncaptioned
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import re
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,12 +17,12 @@ import yaml
 from PIL import Image
 
 from pedsynth.schemas.tables import PAIRS_SCHEMA, pairs_table, rejects_table, stable_id
-from pedsynth.tasks.card import (
-    THUMBNAIL_SIZE,
-    caption_diversity,
-    md_escape,
-    write_dataset_card,
-)
+from pedsynth.tasks.card import write_dataset_card
+from pedsynth.tasks.card_figures import THUMBNAIL_SIZE
+from pedsynth.tasks.card_markdown import STAGE_COLUMNS, fmt_rate, fmt_seconds, md_escape
+from pedsynth.tasks.card_stats import caption_diversity
+
+REPO = Path(__file__).resolve().parents[1]
 
 PIPE_CAPTION = "a man | red coat\nand black shoes"
 
@@ -85,8 +89,21 @@ def _write_build(out: Path, shards: dict[str, list[list[dict]]], rejects: list[d
                 "rows_out": pairs,
                 "rejected": len(rejects or []),
                 "rejects_by_reason": dict(reasons),
+                "reused": 1,
+                "shards": 2,
+                "seconds": 2.46,
+                "rows_per_s": 4.47,
             },
-            "write": {"rows_in": pairs, "rows_out": pairs, "rejected": 0},
+            "write": {
+                "rows_in": pairs,
+                "rows_out": pairs,
+                "rejected": 0,
+                "rejects_by_reason": {},
+                "reused": 0,
+                "shards": len(shard_entries),
+                "seconds": 125.0,
+                "rows_per_s": 1234.4,
+            },
         },
         "totals": {
             "pairs": pairs,
@@ -203,9 +220,12 @@ def test_card_loads_with_datasets_and_matches_manifest(tmp_path, offline_hf):
     assert splits["**total**"] == [str(t["pairs"]), str(t["images"]), str(t["identities"])]
     assert "Warning" not in text
 
+    # stage | rows in | rows out | rejected | shards | reused | time | rows/s
     stages = {r[0]: r[1:] for r in _table_after(text, "## Pipeline stages")}
-    for name, c in manifest["stages"].items():
-        assert stages[name] == [str(c["rows_in"]), str(c["rows_out"]), str(c["rejected"])]
+    assert stages == {
+        "ingest": ["14", "11", "3", "2", "1", "2.5 s", "4.5"],
+        "write": ["11", "11", "0", "4", "0", "2 min 05 s", "1,234"],
+    }
     rejects = _table_after(text, "### Rejects by reason")
     assert rejects == [["ingest", "missing_file", "2"], ["ingest", "too_small", "1"]]
 
@@ -267,7 +287,9 @@ def test_no_val_no_rejects_and_empty_shards(tmp_path, offline_hf):
     # train has an empty second shard; test has only an empty shard.
     manifest = _write_build(out, {"train": [train, []], "test": [[]]}, rejects=None)
     manifest["config"]["write"] = {}  # default number of examples
-    del manifest["stages"]["ingest"]["rejects_by_reason"]
+    for key in ("rejects_by_reason", "reused", "seconds", "rows_per_s"):
+        del manifest["stages"]["ingest"][key]
+    manifest["stages"]["caption"] = "not counted"  # a stage entry that is not a mapping
     text = write_dataset_card(out, manifest).read_text()
 
     meta = _front_matter(text)
@@ -285,6 +307,9 @@ def test_no_val_no_rejects_and_empty_shards(tmp_path, offline_hf):
     }
     assert "validation" not in splits
     assert "Empty splits, not listed for `datasets`: test." in text
+    stages = {r[0]: r[1:] for r in _table_after(text, "## Pipeline stages")}
+    assert stages["ingest"] == ["3", "3", "0", "2", "—", "—", "—"]
+    assert stages["caption"] == ["—"] * 7
     assert "No rejected rows." in text
     stats = {r[0]: r[1] for r in _table_after(text, "## Captions")}
     assert stats == {"original": "2", "edit": "1", "**all**": "3"}
@@ -344,3 +369,173 @@ def test_md_escape():
     assert md_escape("a|b\r\nc\nd") == r"a\|b<br>c<br>d"
     assert md_escape("<b>&") == "&lt;b&gt;&amp;"
     assert md_escape(None) == ""
+
+
+def test_stage_time_and_rate_cells():
+    assert [fmt_seconds(v) for v in (None, 0.04, 4.24, 59.94, 125.0, 3599.6, 7380.0)] == [
+        "—",
+        "0.0 s",
+        "4.2 s",
+        "59.9 s",
+        "2 min 05 s",
+        "1 h 00 min",
+        "2 h 03 min",
+    ]
+    assert [fmt_rate(v) for v in (None, 0.25, 99.94, 1234.4, 2_500_000.0)] == [
+        "—",
+        "0.2",
+        "99.9",
+        "1,234",
+        "2,500,000",
+    ]
+
+
+def _damage_images(shard: Path, damaged: dict[int, bytes]) -> list[str]:
+    """Replace the image bytes of some rows of ``shard``; return those rows' image ids."""
+    rows = pq.read_table(shard).to_pylist()
+    for i, data in damaged.items():
+        rows[i]["image"] = {"bytes": data, "path": rows[i]["image"]["path"]}
+    pq.write_table(pairs_table(rows), shard)
+    return [rows[i]["image_id"] for i in sorted(damaged)]
+
+
+def test_undecodable_example_images_are_reported_not_fatal(tmp_path):
+    out = tmp_path / "out"
+    manifest = _full_build(out)
+    shard = out / "data" / "train-00000-of-00002.parquet"
+    whole = pq.read_table(shard).column("image").to_pylist()[3]["bytes"]
+    # The four examples are train rows 0, 1, 3, 4: damage rows 1 (not an image at all) and 3
+    # (a JPEG cut in half).
+    bad_ids = _damage_images(shard, {1: b"\xff\xd8 not really a JPEG", 3: whole[: len(whole) // 2]})
+    assert bad_ids == ["i1", "i3"]
+
+    text = write_dataset_card(out, manifest).read_text()
+    examples = _table_after(text, "## Examples")
+    assert [r[0] for r in examples][1:3] == ["(not decodable)", "(not decodable)"]
+    assert examples[0][0].startswith("![i1](card/examples/00-i1.jpg")
+    assert examples[3][0].startswith("![i4](card/examples/03-i4.jpg")
+    thumbs = sorted(p.name for p in (out / "card" / "examples").glob("*.jpg"))
+    assert thumbs == ["00-i1.jpg", "03-i4.jpg"]
+    assert "**Warning:** 2 example image(s) could not be decoded" in text
+    assert "damaged image bytes: `i1`, `i3`." in text
+
+
+_PROBE = """
+import json, sys
+from pedsynth.tasks.card import write_dataset_card
+write_dataset_card(sys.argv[1], json.loads(open(sys.argv[2]).read()))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "matplotlib")[:1]))
+"""
+
+
+def _card_in_fresh_process(out: Path, manifest: dict, tmp_path: Path) -> list[str]:
+    """Write the card in a new interpreter; return the matplotlib modules it imported (<= 1)."""
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(out), str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_card_without_plots_does_not_import_matplotlib(tmp_path):
+    out = tmp_path / "out"
+    manifest = _full_build(out)
+    assert _card_in_fresh_process(out, manifest, tmp_path) == ["matplotlib"]  # the probe works
+    assert (out / "card" / "caption_length.png").is_file()
+
+    manifest["config"]["write"]["card_plots"] = False
+    assert _card_in_fresh_process(out, manifest, tmp_path) == []
+    text = (out / "README.md").read_text()
+    assert ".png" not in text and "## Identities" not in text
+    assert not list((out / "card").glob("*.png"))  # the earlier card's plots are gone
+    assert len(list((out / "card" / "examples").glob("*.jpg"))) == 4  # examples stay
+
+
+def _parquet_rows(folder: Path, *, rejects: bool = False) -> int:
+    files = [p for p in folder.glob("*.parquet") if p.name.endswith(".rejects.parquet") == rejects]
+    assert files, f"no shards in {folder}"
+    return sum(pq.read_metadata(p).num_rows for p in files)
+
+
+def test_card_of_a_real_write_shows_counts_that_match_the_files(tmp_path):
+    """Ingest and write through the real functions; the card's stage rows match the Parquet."""
+    from pedsynth.procedural import generate
+    from pedsynth.schemas.config import BuildConfig
+    from pedsynth.schemas.manifest import StageCounts
+    from pedsynth.tasks import sources, write
+
+    bench = tmp_path / "bench"
+    generate(bench, identities=6, images_per_identity=2, seed=1, workers=1)
+    records = json.loads((bench / "reid_raw.json").read_text())
+    (bench / "imgs" / records[0]["file_path"]).unlink()  # one missing_file reject at ingest
+    people = tmp_path / "people" / "alice"
+    people.mkdir(parents=True)
+    for k in range(2):  # captionless images: two uncaptioned rejects at write
+        (people / f"{k}.jpg").write_bytes(_jpeg(20, 40, 60 * k))
+    out = tmp_path / "out"
+    cfg = BuildConfig.model_validate(
+        {
+            "name": "real-card",
+            "out": str(out),
+            "shard_rows": 5,
+            "sources": [
+                {"format": "cuhk-pedes", "path": str(bench)},
+                {"format": "folder", "path": str(tmp_path / "people")},
+            ],
+        }
+    )
+
+    started = time.perf_counter()
+    catalogs, shards = [], []
+    for source in cfg.sources:
+        chunks, catalog = sources.plan_chunks(source, out, cfg.shard_rows)
+        catalogs.append(catalog)
+        shards += [sources.ingest_chunk(chunk, cfg.ingest, out) for chunk in chunks]
+    seconds = time.perf_counter() - started
+    catalogued = _parquet_rows(out / "_work" / "catalog")
+    ingest_counts = StageCounts.of(shards, rows_in=catalogued, seconds=seconds, upstream=catalogs)
+    write.write_dataset(
+        out,
+        shards,
+        [r.rejects_path for r in [*catalogs, *shards]],
+        shard_rows=cfg.shard_rows,
+        config=cfg.model_dump(mode="json"),
+        stages={"ingest": ingest_counts},
+    )
+    recorded = json.loads((out / "manifest.json").read_text())["stages"]
+    assert list(recorded) == ["ingest", "write"]
+
+    text = (out / "README.md").read_text()
+    cells = {
+        row[0]: dict(zip(STAGE_COLUMNS[1:], row[1:], strict=True))
+        for row in _table_after(text, "## Pipeline stages")
+    }
+    assert list(cells) == ["ingest", "write"]
+    ingested = _parquet_rows(out / "_work" / "ingest")
+    written = _parquet_rows(out / "data")
+    # 6 identities x 2 images + 2 folder images; 2 captions per procedural image, the missing
+    # image's 2 lost; the 2 folder images arrive uncaptioned and stop at write.
+    assert (catalogued, ingested, written) == (14, 24, 22)
+    assert (cells["ingest"]["rows in"], cells["ingest"]["rows out"]) == ("14", "24")
+    assert (cells["write"]["rows in"], cells["write"]["rows out"]) == ("24", "22")
+    rejected = Counter(
+        pq.read_table(out / "rejects", columns=["stage"]).column("stage").to_pylist()
+    )
+    assert rejected == {"ingest": 1, "write": 2}
+    assert (cells["ingest"]["rejected"], cells["write"]["rejected"]) == ("1", "2")
+    assert cells["ingest"]["shards"] == str(len(shards)) and cells["ingest"]["reused"] == "0"
+    assert cells["ingest"]["time"] == f"{round(seconds, 3):.1f} s"
+    rate = float(cells["ingest"]["rows/s"].replace(",", ""))
+    assert rate == pytest.approx(recorded["ingest"]["rows_per_s"], abs=0.5)
+    assert recorded["write"]["seconds"] is not None
+    assert re.fullmatch(r"\d+\.\d s", cells["write"]["time"])  # a time, not a dash
+    assert _table_after(text, "### Rejects by reason") == [
+        ["ingest", "missing_file", "1"],
+        ["write", "uncaptioned", "2"],
+    ]

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pedsynth.schemas.config import BuildConfig, ConfigError, SourceConfig, load_config
 
@@ -11,7 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.sources, "every shipped config names its inputs"
-    assert cfg.shard_rows > 0
+    raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    for key, value in raw.items():  # every value in the file reached the validated config
+        if not isinstance(value, dict | list):
+            assert getattr(cfg, key) == value, key
 
 
 def test_error_names_key_and_value(tmp_path):
@@ -82,3 +86,24 @@ def test_set_reaches_into_lists(tmp_path):
         load_config(path, overrides=["sources.3.path=x"])
     with pytest.raises(ConfigError, match="'path' is not a section"):
         load_config(path, overrides=["sources.0.path.x=1"])
+
+
+@pytest.mark.parametrize("stage", ["caption", "rewrite"])
+def test_word_limits_out_of_order_are_refused(stage):
+    with pytest.raises(ConfigError, match=r"min_words \(50\) must not exceed max_words \(10\)"):
+        load_config(
+            None,
+            overrides=[
+                f"{stage}={{engine: {{model: m}}}}",
+                f"{stage}.min_words=50",
+                f"{stage}.max_words=10",
+            ],
+        )
+
+
+def test_booleans_are_not_numbers():
+    with pytest.raises(ConfigError, match="shard_rows = True: .*expected a number, got true"):
+        load_config(None, overrides=["shard_rows=true"])
+    with pytest.raises(ConfigError, match="ingest.min_side = False"):
+        load_config(None, overrides=["ingest.min_side=false"])
+    assert load_config(None, overrides=["write.card_plots=false"]).write.card_plots is False

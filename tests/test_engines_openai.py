@@ -200,3 +200,63 @@ def test_caption_stage_over_http_turns_a_failing_request_into_a_reject_row(
     others = rejects.filter(pc.not_equal(rejects["reason"], "generation_failed"))
     assert mllm.num_rows + others.num_rows == len(image_ids) - 1
     assert all(g == "openai:tiny@default" for g in mllm["generator"].to_pylist())
+
+
+def test_waits_follow_backoff_settings_not_the_sdk_defaults(tiny_chat):
+    # Left to itself the SDK would wait about 0.5 s, 1 s and 2 s between p's attempts, and the
+    # full 5 s Retry-After between q's; backoff_s and max_backoff_s set every wait instead.
+    faults = {"p": "500", "q": "429"}
+    with running(tiny_chat, faults_by_request=faults, retry_after_s=5) as (server, url):
+        gen = engine(url, retries=3, backoff_s=0.01, max_backoff_s=0.25, timeout_s=5)
+        p, q = gen.generate([ChatRequest("p", "x"), ChatRequest("q", "y")])
+    assert p.error == "server_error: HTTP 500 (after 4 attempts)"
+    assert q.error == "rate_limited: HTTP 429 (after 4 attempts)"
+    by_id = server.by_request()
+    assert [r.attempt for r in by_id["p"]] == [0, 1, 2, 3]
+    assert by_id["p"][-1].started - by_id["p"][0].started < 1.0
+    starts = [r.started for r in by_id["q"]]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert len(gaps) == 3 and all(0.25 <= g < 2.0 for g in gaps), gaps  # Retry-After, capped
+
+
+def test_replies_without_content_are_retried_within_the_same_budget(tiny_chat):
+    faults = {"m": "malformed", "e": "empty"}
+    with running(tiny_chat, faults_by_request=faults) as (server, url):
+        gen = engine(url, retries=2)
+        malformed, empty, fine = gen.generate(
+            [ChatRequest("m", "x"), ChatRequest("e", "y"), ChatRequest("f", "z")]
+        )
+    assert malformed.error.startswith("malformed_response:")
+    assert malformed.error.endswith("(after 3 attempts)")
+    assert empty.error == "empty_choice: the reply had no choice with content (after 3 attempts)"
+    assert fine.ok
+    by_id = server.by_request()
+    assert [r.attempt for r in by_id["m"]] == [0, 1, 2] == [r.attempt for r in by_id["e"]]
+    assert gen.last_stats.attempts == 7 and gen.last_stats.retried == 4
+
+
+def test_adaptive_limit_halves_once_per_overload_and_grows_back():
+    import asyncio
+
+    from pedsynth.engines.openai_backend import AdaptiveLimit
+
+    async def scenario() -> list[int]:
+        limit = AdaptiveLimit(8, maximum=8)
+        seen = [limit.limit]
+        admitted = [await limit.acquire() for _ in range(8)]
+        for epoch in admitted:  # eight 429s from one overload
+            await limit.throttled(epoch)
+        seen.append(limit.limit)
+        for _ in admitted:
+            await limit.release(ok=False)
+        late = await limit.acquire()  # admitted under the halved limit: a new overload
+        await limit.throttled(late)
+        await limit.release(ok=False)
+        seen.append(limit.limit)
+        for _ in range(2):  # as many successes in a row as the limit: one more slot
+            await limit.acquire()
+            await limit.release(ok=True)
+        seen.append(limit.limit)
+        return seen
+
+    assert asyncio.run(scenario()) == [8, 4, 2, 3]

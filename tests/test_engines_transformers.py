@@ -93,3 +93,55 @@ def test_duplicate_request_ids_are_refused():
     gen = engines.get_generator(LLAMA, "text")
     with pytest.raises(ValueError, match="unique"):
         gen.generate([ChatRequest("a", "x"), ChatRequest("a", "y")])
+
+
+def test_engines_live_in_the_shared_model_cache_and_clear_forgets_them():
+    from pedsynth.engines import cache
+
+    config = LLAMA.model_copy(update={"max_tokens": 3})
+    before = cache.load_counts()
+    first = engines.get_generator(config, "text")
+    assert engines.get_generator(config, "text") is first
+    built = {k: n for k, n in cache.load_counts().items() if n != before.get(k, 0)}
+    (key,) = built  # exactly one new load, under the generator kind
+    assert key.startswith('["generator","text"') and built[key] == before.get(key, 0) + 1
+    engines.clear_generators()
+    assert engines.get_generator(config, "text") is not first
+    assert cache.load_counts()[key] == built[key] + 1
+
+
+def test_cuda_without_a_cuda_device_is_refused_by_name():
+    import torch
+
+    from pedsynth.engines.device import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match="cuda"):
+        engines.create_generator(LLAMA.model_copy(update={"device": "cuda"}), "text")
+
+
+def test_tiny_tokenizer_trains_without_the_procedural_package():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pedsynth.engines import text, tiny_models, transformers_backend\n"
+        "tok = tiny_models.build_tokenizer()\n"
+        "assert len(tok('a woman in a red coat and black jeans')['input_ids']) <= 12\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pedsynth.procedural')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_local_model_takes_any_image_pil_decodes():
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 48), "green").save(buf, format="BMP")
+    (result,) = engines.get_generator(LLAVA, "vision").generate(
+        [ChatRequest("bmp", "Describe the person.", image=buf.getvalue(), seed=3)]
+    )
+    assert result.ok and result.text

@@ -138,3 +138,15 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(EngineError, match=r"pedsynth\[gpu\]"):
         vllm_backend.VLLMGenerator(_config(), kind="text")
+
+
+def test_images_a_data_url_cannot_carry_are_refused_before_vllm(calls):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 16), "green").save(buf, format="BMP")
+    gen = vllm_backend.VLLMGenerator(_config(), kind="vision")
+    bmp, jpeg = gen.generate(
+        [ChatRequest("bmp", "describe", image=buf.getvalue()), ChatRequest("j", "d", image=_jpeg())]
+    )
+    assert bmp.error == "bad_image: BMP image; send JPEG, PNG, WebP, GIF" and jpeg.ok
+    ((conversations, _),) = calls["chat"]
+    assert len(conversations) == 1  # only the JPEG went in

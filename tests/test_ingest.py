@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import zlib
 from collections import Counter
@@ -79,6 +80,14 @@ def header_bomb(width: int, height: int) -> bytes:
 def record(path: str, pid: int | str = 1, split: str = "train", captions: Any = None) -> dict:
     caps = ["A man in a red coat."] if captions is None else captions
     return {"split": split, "captions": caps, "file_path": path, "id": pid}
+
+
+def symlink_loop(path: Path) -> None:
+    """``path`` -> ``path.loop`` -> ``path``: every open or stat fails with ELOOP, even as root."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partner = path.with_name(path.name + ".loop")
+    path.symlink_to(partner.name)
+    partner.symlink_to(path.name)
 
 
 def dataset(root: Path, records: list, name: str = "reid_raw.json") -> Path:
@@ -335,6 +344,7 @@ def corpus(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     put(imgs / "bad/heavy.jpg", jpeg + b"\0" * 200_000)
     put(imgs / "bad/small.jpg", encode(noise(size=(4, 40)), "JPEG"))
     (imgs / "bad/folder.jpg").mkdir()
+    symlink_loop(imgs / "bad/loop.jpg")
     mixed = ["Good one.", "", "   \n\t", 5, {"a": 1}, "x" * 150, "\x00\x01abc"]
     records = [
         record("good/a.jpg", 1, captions=["A man in a red coat.", "  He  carries\n a bag "]),
@@ -351,6 +361,7 @@ def corpus(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
         record("bad/heavy.jpg", 5),
         record("bad/small.jpg", 5),
         record("bad/folder.jpg", 5),
+        record("bad/loop.jpg", 5),
         record("bad/id.jpg", "abc"),
         record("bad/captions.jpg", 6, captions="a string"),
         record("bad/path.jpg", 6) | {"file_path": None},
@@ -373,6 +384,7 @@ IMAGE_REJECTS = {
     "bad/heavy.jpg": "too_large",
     "bad/small.jpg": "too_small",
     "bad/folder.jpg": "missing_file",
+    "bad/loop.jpg": "unreadable_file",
 }
 
 
@@ -421,6 +433,48 @@ def test_corpus_every_bad_input_is_one_reject(corpus: tuple[Path, dict]) -> None
     assert pairs.column("width").to_pylist() == [16] * 5
     assert pairs.column("height").to_pylist() == [40] * 5
     assert pairs.column("parent_id").null_count == 5
+
+
+def _write_only_file(path: Path) -> str:
+    """A link to a kernel attribute that cannot be opened for reading, by root neither."""
+    for attribute in sorted(Path("/sys/bus").glob("*/drivers_probe")):
+        if attribute.is_file() and not attribute.stat().st_mode & 0o444:
+            path.symlink_to(attribute)
+            return "Permission denied"
+    pytest.skip("no write-only sysfs attribute on this machine")
+
+
+def _no_read_permission(path: Path) -> str:
+    if os.geteuid() == 0:
+        pytest.skip("root reads a file without read permission; see the other cases")
+    put(path, encode(noise(), "JPEG"))
+    path.chmod(0)
+    return "Permission denied"
+
+
+def _looping_link(path: Path) -> str:
+    symlink_loop(path)
+    return "Too many levels of symbolic links"
+
+
+@pytest.mark.parametrize(
+    "make_unreadable",
+    [_looping_link, _write_only_file, _no_read_permission],
+    ids=["symlink-loop", "write-only-file", "chmod-000"],
+)
+def test_unreadable_file_is_a_reject_with_the_os_reason(tmp_path: Path, make_unreadable) -> None:
+    root = tmp_path / "CUHK-PEDES"
+    put(root / "imgs" / "ok.jpg", encode(noise(seed=9), "JPEG"))
+    why = make_unreadable(root / "imgs" / "locked.jpg")
+    dataset(root, [record("locked.jpg", 1), record("ok.jpg", 2)])
+    pairs, catalog_rejects, load_rejects = ingest(root, CFG)
+    assert catalog_rejects.num_rows == 0
+    assert pairs.column("image_id").to_pylist() == ["cuhk-pedes:ok.jpg"]
+    [reject] = load_rejects.to_pylist()
+    assert reject["reason"] == "unreadable_file"
+    assert reject["detail"] == f"{root / 'imgs' / 'locked.jpg'}: {why}"
+    assert reject["source"] == "cuhk-pedes:reid_raw.json#0"
+    assert (reject["image_id"], reject["person_id"]) == ("cuhk-pedes:locked.jpg", "cuhk-pedes:1")
 
 
 def test_corpus_caption_rejects_carry_ids_and_text(corpus: tuple[Path, dict]) -> None:

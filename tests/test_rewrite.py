@@ -135,3 +135,35 @@ def test_only_configured_sources_are_rewritten(monkeypatch):
     cfg = RewriteConfig(engine=TINY_LLM, sources=["mllm"])
     out, rejects = RewriteStage(cfg, seed=0)(_one_parent())
     assert out.num_rows == 1 and rejects.num_rows == 0 and fake.calls == []
+
+
+def test_an_engine_failure_is_a_final_reject_not_regenerated(tmp_path):
+    """A request the engine cannot answer (HTTP 500 after the client's own retries) ends as one
+    ``generation_failed`` row; the stage does not ask again although it has retries left."""
+    from pedsynth.schemas.text import OpenAIOptions
+    from tests.fake_openai_server import FakeOpenAIServer, TinyChatModel
+
+    shard = ingest_procedural(tmp_path, identities=2, images_per_identity=1)
+    parents = shard["pair_id"].to_pylist()
+    doomed = f"{parents[0]}#0"
+    server = FakeOpenAIServer(TinyChatModel(max_new_tokens=6), faults_by_request={doomed: "500"})
+    url = server.start()
+    try:
+        options = OpenAIOptions(base_url=url, api_key_env=None, retries=1, backoff_s=0.01)
+        engine = EngineConfig(backend="openai", model="tiny", max_tokens=8, openai=options)
+        cfg = RewriteConfig(engine=engine, min_words=1, max_retries=2, alpha=None)
+        out, rejects = RewriteStage(cfg, seed=0)(shard)
+    finally:
+        server.stop()
+
+    failed = [r for r in rejects.to_pylist() if r["pair_id"] == parents[0]]
+    assert [r["reason"] for r in failed] == ["generation_failed"]
+    assert failed[0]["detail"].startswith("server_error: HTTP 500 (after 2 attempts)")
+    assert failed[0]["caption"] is None and failed[0]["stage"] == "rewrite"
+    assert failed[0]["source"].endswith("/rewrite0")
+    # One generate call for it: the client's two attempts, and no third from the stage.
+    assert [r.attempt for r in server.by_request()[doomed]] == [0, 1]
+    rewrites = out.filter(pc.equal(out["caption_source"], "rewrite"))
+    assert parents[0] not in rewrites["parent_id"].to_pylist()
+    finals = [r for r in rejects.to_pylist() if not r["reason"].startswith("regenerated:")]
+    assert rewrites.num_rows + len(finals) == len(parents)  # every other slot ended once too

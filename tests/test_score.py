@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pedsynth.engines.clip import clip_token_strings
 from pedsynth.schemas.config import IngestConfig, SourceConfig
 from pedsynth.schemas.tables import PAIRS_SCHEMA
 from pedsynth.schemas.vision import ClipModelConfig, ScoreConfig
@@ -68,11 +69,12 @@ def test_start_end_and_padding_are_excluded(scored):
     row = table.slice(0, 1).to_pylist()[0]
     body = engine.tokenizer.encode(row["caption"])
     assert len(row["tokens"]) == len(body) < engine.context_length - 2  # not padded to 77
-    assert row["tokens"] == [engine._token_string(i) for i in body]
+    assert row["tokens"] == clip_token_strings(engine.tokenizer, body)
+    assert "".join(row["tokens"]) == "".join(row["caption"].lower().split())  # ASCII captions
     # The excluded positions would have noise values of their own: SOT/EOT/padding.
     patches = engine.encode_images([row["image"]["bytes"]], patches=True).patches[0]
     ids = engine.tokenize([row["caption"]]).ids
-    _, all_positions = engine._text_forward(ids, True)
+    _, all_positions = engine.text_forward(ids, True)
     full = _loop_noise(all_positions[0].numpy(), patches)
     eot = len(body) + 1
     np.testing.assert_allclose(row["token_noise"], full[1:eot], atol=1e-5)
@@ -149,3 +151,72 @@ def test_empty_shard_and_fingerprint(shard):
     other = build_stage(ScoreConfig(clip=TINY, min_clip_score=0.2), 0)
     assert stage.fingerprint_parts() != other.fingerprint_parts()
     assert stage.fingerprint_parts()["weights"]["pretrained"] == "random"
+
+
+@pytest.fixture(scope="module")
+def trained_run(procedural_small, tmp_path_factory):
+    """One short train-retriever run (configs/train-tiny.yaml, one epoch) on the benchmark."""
+    from pathlib import Path
+
+    from pedsynth.schemas.train import load_train_config
+    from pedsynth.train.loop import train
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("score-trained") / "run"
+    cfg = load_train_config(
+        repo / "configs" / "train-tiny.yaml",
+        data=f"cuhk-pedes:{procedural_small}",
+        out=str(out),
+        overrides=[
+            "epochs=1",
+            "batch_size=16",
+            "num_workers=0",
+            "threads=2",
+            "model.image_size=[128, 64]",  # the size the score stage below runs at
+        ],
+    )
+    train(cfg)
+    return out
+
+
+def test_a_trained_checkpoint_scores_as_the_trained_model(trained_run, shard):
+    """``pretrained: RUN_DIR/checkpoints/best.safetensors`` gives the scores of the trained
+    CLIP's own encoders (loaded here by hand from the checkpoint's ``model.clip.`` tensors)."""
+    import open_clip
+    import torch
+    from safetensors.torch import load_file
+
+    best = trained_run / "checkpoints" / "best.safetensors"
+    small = ClipModelConfig(
+        model="pedsynth-tiny-clip-small", image_size=(128, 64), batch_size=8, device="cpu"
+    )
+    stage = build_stage(ScoreConfig(clip=small.model_copy(update={"pretrained": str(best)})), 0)
+    part = shard.slice(0, 12)
+    table, rejects = stage(part)
+    assert rejects.num_rows == 0
+
+    tensors = load_file(str(best))
+    clip = open_clip.create_model("pedsynth-tiny-clip-small")
+    clip.load_state_dict(
+        {
+            k.removeprefix("model.clip."): v
+            for k, v in tensors.items()
+            if k.startswith("model.clip.")
+        }
+    )
+    clip.eval()
+    rows = table.to_pylist()
+    pixels = torch.from_numpy(stage.engine.pixels([r["image"]["bytes"] for r in rows]))
+    ids = open_clip.get_tokenizer("pedsynth-tiny-clip-small")([r["caption"] for r in rows])
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(clip.encode_image(pixels), dim=-1)
+        txt = torch.nn.functional.normalize(clip.encode_text(ids), dim=-1)
+    expected = (img * txt).sum(-1).numpy()
+    np.testing.assert_allclose([r["clip_score"] for r in rows], expected, atol=1e-5, rtol=0)
+
+    untrained, _ = build_stage(
+        ScoreConfig(clip=small.model_copy(update={"pretrained": "random"})), 0
+    )(part)
+    gap = np.abs(np.asarray(untrained.column("clip_score").to_pylist()) - expected)
+    assert gap.max() > 1e-2  # the checkpoint's weights were used, not a random init
+    assert stage.fingerprint_parts()["weights"]["pretrained"].startswith("sha256:")

@@ -55,7 +55,7 @@ def test_output_without_rejects_is_not_done(tmp_path):
 
 
 @pytest.mark.parametrize("start, stop", [(0, 5), (990, 1010), (1000, 2000), (2400, 2500)])
-def test_catalogue_slices_read_only_their_row_groups(tmp_path, start, stop):
+def test_catalogue_slices_read_only_their_row_groups(tmp_path, start, stop, monkeypatch):
     from pedsynth.schemas.tables import CATALOG_SCHEMA
     from pedsynth.tasks.shards import write_parquet_atomic
     from pedsynth.tasks.sources import _read_rows
@@ -75,5 +75,14 @@ def test_catalogue_slices_read_only_their_row_groups(tmp_path, start, stop):
     path = tmp_path / "catalog.parquet"
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), path)
     assert pq.ParquetFile(path).num_row_groups == 3
+    read_groups: list[int] = []
+    real = pq.ParquetFile.read_row_groups
+
+    def spy(self, row_groups, *args, **kwargs):
+        read_groups.extend(row_groups)
+        return real(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
     got = _read_rows(str(path), start, stop)
     assert got.column("image_id").to_pylist() == [f"i{i}" for i in range(start, stop)]
+    assert read_groups == list(range(start // 1000, (stop - 1) // 1000 + 1))

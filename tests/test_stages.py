@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from pydantic import BaseModel
 
+from pedsynth.codehash import reached_modules
+from pedsynth.engines import cache
+from pedsynth.schemas.config import BuildConfig
 from pedsynth.schemas.tables import pairs_table, rejects_table
 from pedsynth.tasks import stages
 from pedsynth.tasks.shards import run_shard
@@ -72,10 +77,18 @@ def _input(tmp_path):
     )
 
 
-def test_stage_runs_once_per_fingerprint_and_reuses_its_instance(tmp_path, monkeypatch):
-    monkeypatch.setitem(stages.SHARD_STAGES, "shout", "tests.test_stages:ShoutStage")
-    monkeypatch.setattr(stages, "_instances", {})
+@pytest.fixture
+def shout_registered(monkeypatch):
+    """The registry with one extra shard stage, and no stage instances cached yet."""
+    shout = stages.StageEntry("shout", "tests.test_stages:ShoutStage", "shard")
+    monkeypatch.setattr(stages, "STAGES", (*stages.STAGES[:-1], shout, stages.STAGES[-1]))
+    cache.clear('["stage"')
     BUILT.clear()
+    yield
+    cache.clear('["stage"')
+
+
+def test_stage_runs_once_per_fingerprint_and_reuses_its_instance(tmp_path, shout_registered):
     shard = _input(tmp_path)
     out = stages.run_shard_stage("shout", ShoutConfig(), 0, shard, tmp_path)
     assert pq.read_table(out.path).column("caption").to_pylist() == ["A RED COAT!", "BLUE JEANS!"]
@@ -88,7 +101,33 @@ def test_stage_runs_once_per_fingerprint_and_reuses_its_instance(tmp_path, monke
     assert reseeded.fingerprint not in (out.fingerprint, other.fingerprint)
 
 
-def test_unknown_stage_is_named(monkeypatch):
-    monkeypatch.setattr(stages, "_instances", {})
+def test_a_code_change_changes_the_fingerprint(tmp_path, shout_registered, monkeypatch):
+    shard = _input(tmp_path)
+    out = stages.run_shard_stage("shout", ShoutConfig(), 0, shard, tmp_path)
+    monkeypatch.setattr(stages, "stage_code_hash", lambda name: "changed")
+    redone = stages.run_shard_stage("shout", ShoutConfig(), 0, shard, tmp_path)
+    assert not redone.reused and redone.fingerprint != out.fingerprint
+
+
+def test_registry_order_and_which_stages_run():
+    names = [s.name for s in stages.STAGES]
+    assert names[0] == "ingest" and names[-1] == "write"
+    assert [s.name for s in stages.STAGES if not s.optional] == ["ingest", "write"]
+    cfg = BuildConfig.model_validate({"memory": {}, "caption": {"engine": {"model": "m"}}})
+    assert [s.name for s in stages.active_stages(cfg)] == ["ingest", "caption", "memory", "write"]
+    for entry in stages.STAGES:  # every entry names an importable factory and a config section
+        module, _, attr = entry.target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), entry.target
+        assert entry.name in BuildConfig.model_fields, entry.name
+
+
+def test_stage_code_hashes_differ_per_stage_and_skip_the_registry():
+    hashes = {s.name: stages.stage_code_hash(s.name) for s in stages.STAGES}
+    assert len(set(hashes.values())) == len(hashes)
+    assert "pedsynth.tasks.caption" not in reached_modules("pedsynth.tasks.ingest_stage")
+    assert "pedsynth.tasks.stages" not in reached_modules("pedsynth.tasks.sources")
+
+
+def test_unknown_stage_is_named():
     with pytest.raises(KeyError, match="nope"):
-        stages.get_shard_stage("nope", ShoutConfig(), 0)
+        stages.get_stage("nope", ShoutConfig(), 0)

@@ -32,7 +32,8 @@ def test_corrupt_caption_swaps_every_colour_word():
 
 def test_word_noise_marks_the_tokens_of_swapped_words():
     tokens, noise = word_noise("a blue coat.", [False, True, False], SimpleTokenizer())
-    assert tokens == ["a</w>", "blue</w>", "coat</w>", ".</w>"]
+    # The ``tokens`` column's one format (what the score stage stores): no end-of-word marker.
+    assert tokens == ["a", "blue", "coat", "."]
     assert noise == [0.0, 1.0, 0.0, 0.0]
 
 
@@ -64,5 +65,8 @@ def test_run_ablation_prints_one_table(procedural_small, tmp_path):
     assert [line.split("|")[1].strip() for line in lines[4:]] == ["baseline", "+all"]
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert set(saved["results"]) == {"baseline", "+all"}
+    # NAM read the oracle levels: their tokens are the trainer's, so none fell back as misaligned.
+    nam = json.loads((tmp_path / "all" / "metrics.json").read_text())["draws"]["nam"]
+    assert nam["stored_noise"] > 0 and nam["misaligned_noise"] == 0
     with pytest.raises(ConfigError, match="--variant 'nope'"):
         run_ablation(procedural_small, out=tmp_path, variants=["nope"])

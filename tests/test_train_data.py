@@ -1,4 +1,4 @@
-"""Training data: shard indexing, BSS pools, streaming image reads, augmentation, raw datasets."""
+"""Training data: shard indexing, BSS pools, streaming image reads, transforms, raw datasets."""
 
 from __future__ import annotations
 
@@ -10,20 +10,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
+from pedsynth.engines.clip_preprocess import person_transform
+from pedsynth.engines.clip_tokens import clip_token_strings
 from pedsynth.schemas.config import IngestConfig, SourceConfig
-from pedsynth.schemas.train import TrainConfig
+from pedsynth.schemas.train import AugmentConfig, TrainConfig
 from pedsynth.tasks import ingest
-from pedsynth.train.data import (
+from pedsynth.train.data import DataError, ImageReader, decode_image, index_shards, load_split
+from pedsynth.train.datasets import (
+    NOISE_MISALIGNED,
+    NOISE_NONE,
+    NOISE_STORED,
     BlockShuffleBatchSampler,
-    DataError,
-    ImageReader,
     TrainDataset,
-    augment,
-    index_shards,
-    load_split,
+    aligned_noise,
 )
 from pedsynth.train.model import create_clip
+from pedsynth.train.transforms import eval_transform, seeded, train_transform
 
 
 def write_shards(
@@ -148,10 +152,15 @@ def test_sampler_mixes_hard_negatives_and_is_seeded(shards):
     )
     batches = list(sampler)
     assert all(len(b) == 8 for b in batches) and len(batches) == len(sampler)
-    first = batches[0]
-    base, extra = first[:6], first[6:]
-    negatives = {i for _, c in base for i in index.hard_negatives[c]}
-    assert all(index.caption_image[c] in negatives for _, c in extra)
+    for batch in batches:
+        base, extra = batch[:6], batch[6:]
+        assert all(k.anchor == -1 for k in base)
+        base_captions = {k.caption for k in base}
+        for key in extra:
+            # Each hard-negative slot names the batch caption it was drawn for, and holds a
+            # caption of one of that caption's stored hard-negative images.
+            assert key.anchor in base_captions
+            assert index.caption_image[key.caption] in index.hard_negatives[key.anchor]
     again = BlockShuffleBatchSampler(
         index, 8, seed=1, shuffle_blocks=2, hard_negative_fraction=0.25
     )
@@ -162,14 +171,110 @@ def test_sampler_mixes_hard_negatives_and_is_seeded(shards):
         BlockShuffleBatchSampler(index, 10_000, seed=0)
 
 
-def test_augment_keeps_shape_and_changes_pixels():
-    image = torch.randn(3, 32, 16)
-    rng = np.random.default_rng(0)
-    out = [augment(image, rng, flip=True, pad=4, crop=True, erasing=1.0) for _ in range(5)]
-    assert all(o.shape == image.shape for o in out)
-    assert all((o == 0).any() for o in out)  # padding or erased box
-    same = augment(image, rng, flip=False, pad=0, crop=False, erasing=0.0)
-    assert torch.equal(same, image)
+def _person(height: int = 90, width: int = 40) -> Image.Image:
+    """A tall crop with a left-right asymmetry, so flips and crops are visible."""
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 4] = (250, 10, 10)
+    return Image.fromarray(pixels)
+
+
+NO_AUGMENT = AugmentConfig(flip=False, pad=0, crop=False, erasing=0.0)
+
+
+def test_training_geometry_is_the_shared_evaluation_preprocessing():
+    img = _person()
+    shared = person_transform((128, 64), "pad")(img)
+    assert torch.equal(eval_transform((128, 64))(img), shared)
+    # With every augmentation off, training sees exactly the evaluation tensor.
+    assert torch.equal(seeded(train_transform((128, 64), NO_AUGMENT), img, 3), shared)
+    # Aspect ratio kept: the 90×40 crop scales by 128/90 to 128×57 and is padded left and
+    # right (with 0 after normalisation), not stretched to 64 columns.
+    assert shared.shape == (3, 128, 64)
+    assert (shared[:, :, :3] == 0).all() and (shared[:, :, -3:] == 0).all()
+    assert (shared[:, :, 4:-4] != 0).any(dim=0).float().mean() > 0.95
+
+
+def test_flip_follows_its_probability():
+    img = _person()
+    plain = eval_transform((128, 64))(img)
+    flip = train_transform((128, 64), NO_AUGMENT.model_copy(update={"flip": True}))
+    outs = [seeded(flip, img, s) for s in range(200)]
+    flipped = [torch.equal(o, plain.flip(-1)) for o in outs]
+    assert all(f or torch.equal(o, plain) for f, o in zip(flipped, outs, strict=True))
+    assert 0.4 < np.mean(flipped) < 0.6  # p = 0.5
+
+
+def test_pad_and_random_crop_shift_the_image_within_the_padding():
+    img = _person()
+    plain = eval_transform((128, 64))(img)
+    crop = train_transform((128, 64), NO_AUGMENT.model_copy(update={"crop": True, "pad": 4}))
+    padded = torch.nn.functional.pad(plain, (4, 4, 4, 4))
+    shifts = set()
+    for s in range(60):
+        out = seeded(crop, img, s)
+        found = [
+            (dy, dx)
+            for dy in range(9)
+            for dx in range(9)
+            if torch.equal(out, padded[:, dy : dy + 128, dx : dx + 64])
+        ]
+        assert found, "the output is not a 128×64 window of the zero-padded image"
+        shifts.add(found[0])
+    assert len(shifts) > 20  # offsets are drawn, not fixed
+
+
+def test_random_erasing_blanks_one_box_of_the_configured_area():
+    img = _person()
+    plain = eval_transform((128, 64))(img)
+    erase = train_transform((128, 64), NO_AUGMENT.model_copy(update={"erasing": 0.5}))
+    erased = 0
+    for s in range(100):
+        out = seeded(erase, img, s)
+        changed = (out != plain).any(dim=0)
+        if not changed.any():
+            continue
+        erased += 1
+        rows = torch.nonzero(changed.any(dim=1)).flatten()
+        cols = torch.nonzero(changed.any(dim=0)).flatten()
+        box = out[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        assert (box == 0).all()  # one rectangle filled with 0, the mean colour
+        area = box.shape[1] * box.shape[2] / (128 * 64)
+        assert 0.015 <= area <= 0.41  # IRRA's scale (0.02, 0.4), up to rounding
+    assert 35 <= erased <= 65  # p = 0.5
+
+
+def test_seeded_transforms_repeat_and_leave_the_global_rng_alone():
+    img = _person()
+    full = train_transform((128, 64), AugmentConfig())
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = seeded(full, img, 9), seeded(full, img, 9)
+    assert torch.equal(a, b) and not torch.equal(a, seeded(full, img, 10))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_stored_noise_is_used_only_when_its_tokens_match(clip_and_tokenizer):
+    _, tokenizer = clip_and_tokenizer
+    ids = tokenizer.encode("a man in a red-jacket")
+    mine = clip_token_strings(tokenizer, ids)
+    assert mine == ["a", "man", "in", "a", "red", "-", "jacket"]
+    noise = np.linspace(0.1, 0.7, len(mine)).astype(np.float32)
+    used, case = aligned_noise(noise, mine, mine)
+    assert case == NOISE_STORED and np.array_equal(used, noise)
+    # Another tokenizer's tokens (or another caption): not used.
+    other = ["a", "man", "in", "a", "re", "d-", "jacket"]
+    assert aligned_noise(noise, other, mine) == (None, NOISE_MISALIGNED)
+    # The stored side was cut by a shorter context: the levels cover the prefix.
+    used, case = aligned_noise(noise[:4], mine[:4], mine)
+    assert case == NOISE_STORED and len(used) == 4
+    # The trainer's context is shorter: the levels of its tokens only.
+    used, case = aligned_noise(noise, mine, mine[:3])
+    assert case == NOISE_STORED and np.array_equal(used, noise[:3])
+    # No stored tokens: one level per token is required.
+    assert aligned_noise(noise, None, mine)[1] == NOISE_STORED
+    assert aligned_noise(noise[:5], None, mine) == (None, NOISE_MISALIGNED)
+    assert aligned_noise(None, None, mine) == (None, NOISE_NONE)
 
 
 def test_raw_cuhk_dataset_through_ingest_readers(procedural_small):
@@ -196,7 +301,5 @@ def test_bad_data_gives_clear_errors(tmp_path, shards):
     (tmp_path / "bad" / "data").mkdir(parents=True)
     pq.write_table(bad, tmp_path / "bad" / "data" / "train-00000-of-00001.parquet")
     index, _ = load_split(str(tmp_path / "bad"), "train")
-    from pedsynth.train.data import decode_image
-
     with pytest.raises(DataError, match="cannot decode image"):
         decode_image(ImageReader().read(index.image_refs[0]), index.image_ids[0])

@@ -35,6 +35,7 @@ def test_duplicate_pairs_are_written_once_and_rejected(tmp_path):
         config={"name": "t", "write": {"card_examples": 0}},
         stages={},
     )
+    assert manifest.stages["write"].rows_in == 6 and manifest.stages["write"].rows_out == 3
     data = pq.read_table(tmp_path / "out" / "data").column("pair_id").to_pylist()
     assert sorted(data) == ["p0", "p1", "p2"]
     rejects = pq.read_table(tmp_path / "out" / "rejects").to_pylist()
@@ -43,4 +44,4 @@ def test_duplicate_pairs_are_written_once_and_rejected(tmp_path):
         ("duplicate_pair", "p1"),
         ("duplicate_pair", "p2"),
     ]
-    assert manifest["stages"]["write"]["rejects_by_reason"] == {"duplicate_pair": 3}
+    assert manifest.stages["write"].rejects_by_reason == {"duplicate_pair": 3}

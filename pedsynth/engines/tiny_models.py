@@ -2,9 +2,10 @@
 
 ``tiny-random:llama`` is a 2-layer Llama text model; ``tiny-random:llava`` a LLaVA
 vision-language model (2-layer CLIP vision tower + that Llama). Both share a byte-level BPE
-tokenizer trained here on pedestrian-caption words, with a short chat template. They are saved
-with ``save_pretrained`` to a local folder and loaded by the transformers backend through the
-same ``Auto*`` classes as any hub model, so the offline config exercises the real code path.
+tokenizer trained here on its own pedestrian-caption words, the prompts and the caption
+templates, with a short chat template. They are saved with ``save_pretrained`` to a local
+folder and loaded by the transformers backend through the same ``Auto*`` classes as any hub
+model, so the offline config exercises the real code path.
 
 Their weights are random: what they write is word salad (captions are noise). Their generation
 config suppresses tokens that decode to control or non-ASCII characters and the role/image
@@ -41,6 +42,38 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+_COLOURS = (
+    "black",
+    "white",
+    "grey",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "orange",
+    "pink",
+    "purple",
+    "brown",
+    "beige",
+)
+# Pedestrian-caption words the tokenizer learns, grouped by what they describe; each kind of
+# garment or belonging is followed by the colours it comes in.
+_CAPTION_WORDS: tuple[tuple[str, ...], ...] = (
+    ("man", "woman"),
+    ("short", "long", "ponytail", "bun", "bald", "curly"),
+    ("black", "brown", "blonde", "grey", "red"),
+    ("t-shirt", "shirt", "jacket", "coat", "hoodie", "sweater", "tank top", "dress"),
+    _COLOURS,
+    ("trousers", "jeans", "shorts", "skirt", "leggings"),
+    _COLOURS,
+    ("sneakers", "boots", "leather shoes", "sandals", "heels"),
+    _COLOURS,
+    ("backpack", "handbag", "shoulder bag"),
+    _COLOURS,
+    ("cap", "beanie", "hat"),
+    _COLOURS,
+)
+
 _lock = threading.Lock()
 
 
@@ -54,10 +87,9 @@ def is_tiny(model: str) -> bool:
 
 def _corpus() -> list[str]:
     """Sentences the tokenizer is trained on: caption words, the prompts and the templates."""
-    from pedsynth.procedural.vocabulary import vocabulary
     from pedsynth.prompts import PROMPT_NAMES, load_prompt, load_templates
 
-    words = [str(w) for values in vocabulary().values() for w in values if isinstance(w, str)]
+    words = [word for group in _CAPTION_WORDS for word in group]
     lines = [load_prompt(n).text for n in PROMPT_NAMES]
     lines += [t.text for t in load_templates().templates]
     lines += [

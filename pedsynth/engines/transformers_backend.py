@@ -11,50 +11,36 @@ a run reproducible for the same requests and ``batch_size`` (vLLM honours each s
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+from pedsynth.engines.device import resolve_device, resolve_dtype
 from pedsynth.engines.text import (
     ChatRequest,
     EngineError,
     GenerationResult,
+    GeneratorBase,
     Kind,
-    check_unique_ids,
     derive_seed,
-    failure,
+    open_image,
 )
 from pedsynth.engines.tiny_models import is_tiny, tiny_model_dir
 from pedsynth.schemas.text import EngineConfig
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
-
-
-class TransformersGenerator:
+class TransformersGenerator(GeneratorBase):
     """Loads the model once; ``generate`` runs batches of ``batch_size`` under a lock."""
+
+    structured_output = False
 
     def __init__(self, config: EngineConfig, kind: Kind):
         import torch
         import transformers
 
-        self.config, self.kind = config, kind
+        super().__init__(config, kind)
         self.device = resolve_device(config.device)
-        if config.cpu_threads is not None and self.device == "cpu":
+        if config.cpu_threads is not None and self.device.type == "cpu":
             # Process-wide: small models run fastest on one thread per worker, and two OpenMP
             # threads per worker thrash when Prefect runs several workers on a few cores.
             torch.set_num_threads(config.cpu_threads)
@@ -84,47 +70,21 @@ class TransformersGenerator:
         self._torch = torch
         self._lock = threading.Lock()
 
-    @property
-    def generator_id(self) -> str:
-        return self.config.generator_id
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
-        check_unique_ids(requests)
-        results: dict[str, GenerationResult] = {}
-        ready: list[tuple[ChatRequest, Any]] = []
-        for req in requests:
-            prepared = self._prepare(req)
-            if isinstance(prepared, GenerationResult):
-                results[req.request_id] = prepared
-            else:
-                ready.append((req, prepared))
+    def _generate(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
         size = self.config.batch_size
-        for start in range(0, len(ready), size):
-            batch = ready[start : start + size]
-            for result in self._generate_batch(batch):
-                results[result.request_id] = result
-        return [results[r.request_id] for r in requests]
+        results: list[GenerationResult] = []
+        for start in range(0, len(requests), size):
+            results += self._generate_batch(requests[start : start + size])
+        return results
 
     # ------------------------------------------------------------------ internals
 
-    def _prepare(self, req: ChatRequest) -> Any:
-        """The conversation of one request, or a failed result (bad image, wrong kind)."""
-        if req.json_schema is not None:
-            return failure(req, "unsupported", "the transformers backend has no structured output")
-        if self.kind == "text":
-            if req.image is not None:
-                return failure(req, "unsupported", "a text model got an image")
-            content: Any = req.prompt
-        else:
-            if req.image is None:
-                return failure(req, "bad_request", "a vision request needs an image")
-            from PIL import Image
-
-            try:
-                with Image.open(io.BytesIO(req.image)) as im:
-                    image = im.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                return failure(req, "bad_image", f"{type(exc).__name__}: {exc}")
+    @staticmethod
+    def _conversation(req: ChatRequest) -> list[dict[str, Any]]:
+        """The HF chat messages of one request; the image goes in decoded."""
+        content: Any = req.prompt
+        if req.image is not None:
+            image = open_image(req.image)
             content = [{"type": "image", "image": image}, {"type": "text", "text": req.prompt}]
         messages = [{"role": "system", "content": req.system}] if req.system else []
         return [*messages, {"role": "user", "content": content}]
@@ -135,31 +95,21 @@ class TransformersGenerator:
             return {"do_sample": False}
         return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
 
-    def _generate_batch(self, batch: Sequence[tuple[ChatRequest, Any]]) -> list[GenerationResult]:
-        if not batch:
-            return []
+    def _generate_batch(self, batch: Sequence[ChatRequest]) -> list[GenerationResult]:
         torch = self._torch
-        conversations = [conv for _, conv in batch]
-        seed = derive_seed(*(r.seed if r.seed is not None else r.request_id for r, _ in batch))
+        conversations = [self._conversation(req) for req in batch]
+        seed = derive_seed(*(r.seed if r.seed is not None else r.request_id for r in batch))
         with self._lock, torch.inference_mode():
-            if self.processor is not None:
-                encoded = self.processor.apply_chat_template(
-                    conversations,
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=True,
-                    return_tensors="pt",
-                    processor_kwargs={"padding": True},
-                )
-            else:
-                encoded = self.tokenizer.apply_chat_template(
-                    conversations,
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=True,
-                    return_tensors="pt",
-                    padding=True,
-                )
+            # A processor takes the padding among its own kwargs; a tokenizer takes it directly.
+            padding: dict[str, Any] = {"padding": True}
+            encoded = (self.processor or self.tokenizer).apply_chat_template(
+                conversations,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                **({"processor_kwargs": padding} if self.processor is not None else padding),
+            )
             inputs = encoded.to(self.device)
             torch.manual_seed(seed)
             output = self.model.generate(
@@ -172,7 +122,7 @@ class TransformersGenerator:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         eos = self.tokenizer.eos_token_id
         results = []
-        for (req, _), tokens, text in zip(batch, new_tokens.tolist(), texts, strict=True):
+        for req, tokens, text in zip(batch, new_tokens.tolist(), texts, strict=True):
             stopped = eos in tokens or self.tokenizer.pad_token_id in tokens
             results.append(
                 GenerationResult(

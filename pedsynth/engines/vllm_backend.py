@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pedsynth.engines.text import (
+    DATA_URL_FORMATS,
     ChatRequest,
     EngineError,
     GenerationResult,
+    GeneratorBase,
     Kind,
-    check_unique_ids,
     failure,
     openai_messages,
 )
@@ -73,16 +74,9 @@ def make_sampling_params(vllm: Any, config: EngineConfig, request: ChatRequest) 
     return vllm.SamplingParams(**kwargs)
 
 
-def _check_image(data: bytes) -> None:
-    import io
+class VLLMGenerator(GeneratorBase):
+    image_formats = DATA_URL_FORMATS  # images travel as data URLs
 
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-
-
-class VLLMGenerator:
     def __init__(self, config: EngineConfig, kind: Kind):
         try:
             import vllm
@@ -90,7 +84,7 @@ class VLLMGenerator:
             raise EngineError(
                 "backend vllm needs the vllm package: pip install 'pedsynth[gpu]'"
             ) from exc
-        self.config, self.kind = config, kind
+        super().__init__(config, kind)
         self._vllm = vllm
         try:
             self.llm = vllm.LLM(**llm_kwargs(config, kind))
@@ -98,39 +92,20 @@ class VLLMGenerator:
             raise EngineError(f"cannot start vLLM for {config.generator_id}: {exc}") from exc
         self._lock = threading.Lock()  # one batch at a time; vLLM batches inside it
 
-    @property
-    def generator_id(self) -> str:
-        return self.config.generator_id
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
-        check_unique_ids(requests)
-        results: dict[str, GenerationResult] = {}
-        conversations, params, sent = [], [], []
-        for req in requests:
-            if self.kind == "text" and req.image is not None:
-                results[req.request_id] = failure(req, "unsupported", "a text model got an image")
-                continue
-            if self.kind == "vision" and req.image is None:
-                results[req.request_id] = failure(req, "bad_request", "needs an image")
-                continue
-            try:
-                if req.image is not None:
-                    _check_image(req.image)  # one undecodable image must not fail the batch
-                conversations.append(openai_messages(req))
-            except (OSError, ValueError) as exc:
-                results[req.request_id] = failure(req, "bad_image", str(exc))
-                continue
-            params.append(make_sampling_params(self._vllm, self.config, req))
-            sent.append(req)
-        if sent:
-            with self._lock:
-                outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
-            for req, out in zip(sent, outputs, strict=True):
-                completion = out.outputs[0] if out.outputs else None
-                if completion is None:
-                    results[req.request_id] = failure(req, "empty_choice", "no output")
-                else:
-                    results[req.request_id] = GenerationResult(
+    def _generate(self, requests: Sequence[ChatRequest]) -> list[GenerationResult]:
+        conversations = [openai_messages(req) for req in requests]
+        params = [make_sampling_params(self._vllm, self.config, req) for req in requests]
+        with self._lock:
+            outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
+        results = []
+        for req, out in zip(requests, outputs, strict=True):
+            completion = out.outputs[0] if out.outputs else None
+            if completion is None:
+                results.append(failure(req, "empty_choice", "no output"))
+            else:
+                results.append(
+                    GenerationResult(
                         req.request_id, completion.text, finish_reason=completion.finish_reason
                     )
-        return [results[r.request_id] for r in requests]
+                )
+        return results

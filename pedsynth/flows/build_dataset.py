@@ -1,13 +1,14 @@
-"""The ``build-dataset`` flow: wiring only.
+"""The ``build-dataset`` flow: plan the sources, then a loop over the configured stages.
 
-ingest → caption → rewrite → faithfulness → edit → score → memory → write. Each task takes one
-shard through one stage and passes back a small ``ShardResult`` (paths and counts), never data.
-Stages whose config section is absent are skipped and reported as such.
+Each task takes one shard through one shard stage (or every shard through one dataset stage)
+and passes back small ``ShardResult``s (paths and counts), never data. Which stages run, and in
+what order, is the registry's (``pedsynth/tasks/stages.py``); which task runner runs them is the
+config's (``runner``). Task runs are named ``<stage>-<shard>`` so the run graph reads by itself.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import time
 from collections.abc import Iterable
 
 from prefect import flow, get_run_logger, task
@@ -19,57 +20,40 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from pedsynth.schemas.config import BuildConfig, IngestConfig, SourceConfig, load_config
+from pedsynth.runners import task_runner
+from pedsynth.schemas.config import BuildConfig, SourceConfig, load_config
+from pedsynth.schemas.manifest import Manifest, StageCounts
 from pedsynth.tasks import sources as source_tasks
-from pedsynth.tasks import stages as stage_registry
-from pedsynth.tasks import write
+from pedsynth.tasks import stages as registry
 from pedsynth.tasks.shards import ShardResult
-
-STAGES = ("ingest", "caption", "rewrite", "faithfulness", "edit", "score", "memory", "write")
 
 # Resume is by output fingerprint (tasks/shards.py), which survives a lost Prefect database;
 # Prefect's own result cache is therefore off for these tasks.
 
 
-@task(name="catalog-source", cache_policy=NO_CACHE)
+@task(name="catalog", cache_policy=NO_CACHE)
 def catalog_source(source: SourceConfig, out: str, shard_rows: int):
     return source_tasks.plan_chunks(source, out, shard_rows)
 
 
-@task(name="ingest-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def ingest_shard(chunk: source_tasks.Chunk, cfg: IngestConfig, out: str) -> ShardResult:
-    return source_tasks.ingest_chunk(chunk, cfg, out)
-
-
-@task(name="stage-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+@task(name="shard-stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def shard_stage(
-    name: str, section: BaseModel, seed: int, shard: ShardResult, out: str
+    name: str, section: BaseModel, seed: int, shard: registry.ShardInput, out: str
 ) -> ShardResult:
-    return stage_registry.run_shard_stage(name, section, seed, shard, out)
+    return registry.run_shard_stage(name, section, seed, shard, out)
 
 
 @task(name="dataset-stage", cache_policy=NO_CACHE)
 def dataset_stage(
-    name: str, section: BaseModel, seed: int, shards: list[ShardResult], out: str
+    name: str,
+    section: BaseModel,
+    seed: int,
+    shards: list[ShardResult],
+    context: registry.StageContext,
 ) -> list[ShardResult]:
-    return stage_registry.build_dataset_stage(name, section, seed).run(shards, out)
-
-
-@task(name="write-dataset", cache_policy=NO_CACHE)
-def write_dataset(
-    out: str,
-    inputs: list[ShardResult],
-    reject_paths: list[str],
-    shard_rows: int,
-    config: dict,
-    stages: dict,
-) -> dict:
-    return write.write_dataset(
-        out, inputs, reject_paths, shard_rows=shard_rows, config=config, stages=stages
-    )
+    return registry.run_dataset_stage(name, section, seed, shards, context)
 
 
 class _Progress:
@@ -88,11 +72,11 @@ class _Progress:
             self.bar.start()
             self.bar_task = self.bar.add_task("building", total=self.total)
 
-    def step(self, label: str) -> None:
-        self.done += 1
+    def step(self, label: str, n: int = 1) -> None:
+        self.done += n
         update_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
         if self.bar is not None:
-            self.bar.update(self.bar_task, advance=1, description=label)
+            self.bar.update(self.bar_task, advance=n, description=label)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -106,21 +90,6 @@ def _collect(futures: Iterable[PrefectFuture], progress: _Progress, label: str) 
         fut.result()  # raise early on the first failure
         progress.step(label)
     return [f.result() for f in futures]
-
-
-def _stage_counts(results: list[ShardResult], upstream: list[ShardResult] = ()) -> dict:
-    """Counts of one stage; ``upstream`` adds rejects found before its shards existed."""
-    reasons: dict[str, int] = defaultdict(int)
-    for r in [*results, *upstream]:
-        for reason, n in r.rejects_by_reason.items():
-            reasons[reason] += n
-    return {
-        "shards": len(results),
-        "reused": sum(r.reused for r in results),
-        "rows_out": sum(r.rows for r in results),
-        "rejected": sum(r.rejected for r in [*results, *upstream]),
-        "rejects_by_reason": dict(sorted(reasons.items())),
-    }
 
 
 @flow(name="build-dataset", log_prints=True)
@@ -140,126 +109,130 @@ def build_dataset(
     cfg: BuildConfig = load_config(config, sources=sources, out=out, overrides=overrides)
     if not cfg.sources:
         raise ValueError("no sources: give --source FORMAT:PATH or a `sources:` list in the config")
-    active = [s for s in STAGES[1:-1] if getattr(cfg, s, None) is not None]
+    stages = registry.active_stages(cfg)
+    skipped = [s.name for s in registry.STAGES if s not in stages]
     logger.info(
-        "build %r → %s; stages: ingest, %s write (skipped: %s)",
+        "build %r → %s; stages: %s (skipped: %s)",
         cfg.name,
         cfg.out,
-        "".join(f"{s}, " for s in active),
-        ", ".join(s for s in STAGES[1:-1] if s not in active) or "none",
+        ", ".join(s.name for s in stages),
+        ", ".join(skipped) or "none",
     )
+    counts: dict[str, StageCounts] = {}
+    code_hashes = {s.name: registry.stage_code_hash(s.name) for s in stages}
 
-    with ThreadPoolTaskRunner(max_workers=cfg.workers) as runner:
+    with task_runner(cfg) as runner:
         plans = [
             runner.submit(
-                catalog_source, {"source": s, "out": cfg.out, "shard_rows": cfg.shard_rows}
+                catalog_source.with_options(task_run_name=f"catalog-{s.label}"),
+                {"source": s, "out": cfg.out, "shard_rows": cfg.shard_rows},
             )
             for s in cfg.sources
         ]
         plans = [p.result() for p in plans]
-        chunks = [c for chunk_list, _ in plans for c in chunk_list]
+        shards: list = [c for chunk_list, _ in plans for c in chunk_list]
         catalogs = [cat for _, cat in plans if cat is not None]
-        progress = _Progress(total=len(chunks) * (1 + len(active)) + 1, show_bar=show_progress)
+        reject_paths = [c.rejects_path for c in catalogs]
+        progress = _Progress(total=len(shards) * len(stages), show_bar=show_progress)
         try:
-            shards = _collect(
-                (
-                    runner.submit(ingest_shard, {"chunk": c, "cfg": cfg.ingest, "out": cfg.out})
-                    for c in chunks
-                ),
-                progress,
-                "ingest",
-            )
-            stages = {"ingest": _stage_counts(shards, upstream=catalogs)}
-            reject_paths = [r.rejects_path for r in [*catalogs, *shards]]
-            for name in active:
-                section = getattr(cfg, name)
-                if name in stage_registry.DATASET_STAGES:
-                    shards = runner.submit(
-                        dataset_stage,
-                        {
-                            "name": name,
-                            "section": section,
-                            "seed": cfg.seed,
-                            "shards": shards,
-                            "out": cfg.out,
-                        },
-                    ).result()
-                    for _ in range(len(chunks)):
-                        progress.step(name)
-                else:
+            for stage in stages:
+                section = getattr(cfg, stage.name)
+                rows_in, started, n_inputs = (
+                    sum(s.rows for s in shards),
+                    time.monotonic(),
+                    len(shards),
+                )
+                if stage.kind == "shard":
                     shards = _collect(
                         (
                             runner.submit(
-                                shard_stage,
+                                shard_stage.with_options(task_run_name=f"{stage.name}-{s.key}"),
                                 {
-                                    "name": name,
+                                    "name": stage.name,
                                     "section": section,
                                     "seed": cfg.seed,
-                                    "shard": shard,
+                                    "shard": s,
                                     "out": cfg.out,
                                 },
                             )
-                            for shard in shards
+                            for s in shards
                         ),
                         progress,
-                        name,
+                        stage.name,
                     )
-                stages[name] = _stage_counts(shards)
-                reject_paths += [r.rejects_path for r in shards]
-            manifest = runner.submit(
-                write_dataset,
-                {
-                    "out": cfg.out,
-                    "inputs": shards,
-                    "reject_paths": reject_paths,
-                    "shard_rows": cfg.shard_rows,
-                    "config": cfg.model_dump(mode="json"),
-                    "stages": stages,
-                },
-            ).result()
-            progress.step("write")
+                else:
+                    context = registry.StageContext(
+                        out_dir=cfg.out,
+                        fingerprint="",
+                        shard_rows=cfg.shard_rows,
+                        config=cfg.model_dump(mode="json"),
+                        stages=dict(counts),
+                        reject_paths=tuple(reject_paths),
+                        code_hashes=code_hashes,
+                    )
+                    shards = runner.submit(
+                        dataset_stage.with_options(task_run_name=stage.name),
+                        {
+                            "name": stage.name,
+                            "section": section,
+                            "seed": cfg.seed,
+                            "shards": shards,
+                            "context": context,
+                        },
+                    ).result()
+                    progress.step(stage.name, n_inputs)
+                counts[stage.name] = StageCounts.of(
+                    shards,
+                    rows_in=rows_in,
+                    seconds=time.monotonic() - started,
+                    upstream=catalogs if stage.name == "ingest" else (),
+                )
+                reject_paths += [s.rejects_path for s in shards if s.rejects_path]
         finally:
             progress.close()
 
-    _publish(manifest)
-    return manifest
+    manifest = Manifest.load(cfg.out)
+    if manifest is None:
+        raise RuntimeError(f"the write stage left no manifest in {cfg.out}")
+    reused = all(s.reused for s in shards) and bool(shards)
+    if reused:  # report what this run did (nothing), not the counts of the run that built it
+        manifest = manifest.model_copy(update={"stages": counts})
+    _publish(manifest, reused)
+    return {**manifest.model_dump(mode="json"), "reused": reused}
 
 
-def _publish(manifest: dict) -> None:
+def _publish(manifest: Manifest, reused: bool) -> None:
     """Per-stage counts and totals as Prefect artifacts, and a one-line log summary."""
     rows = [
         {
             "stage": name,
-            **{k: v for k, v in counts.items() if k != "rejects_by_reason"},
-            "rejects_by_reason": ", ".join(
-                f"{k}={v}" for k, v in counts.get("rejects_by_reason", {}).items()
-            ),
+            **counts.model_dump(mode="json", exclude={"rejects_by_reason"}),
+            "rejects_by_reason": ", ".join(f"{k}={v}" for k, v in counts.rejects_by_reason.items()),
         }
-        for name, counts in manifest["stages"].items()
+        for name, counts in manifest.stages.items()
     ]
     create_table_artifact(
         table=rows,
         key="build-dataset-stage-counts",
-        description=f"per-stage counts of {manifest['name']}",
+        description=f"per-stage counts of {manifest.name}",
     )
-    totals = manifest["totals"]
+    totals = manifest.totals
     split_rows = "\n".join(
-        f"| {s} | {v['pairs']} | {v['images']} | {v['identities']} |"
-        for s, v in totals["by_split"].items()
+        f"| {s} | {v.pairs} | {v.images} | {v.identities} |" for s, v in totals.by_split.items()
     )
     create_markdown_artifact(
         key="build-dataset-summary",
         markdown=(
-            f"# {manifest['name']}\n\n{totals['pairs']} pairs, {totals['images']} images, "
-            f"{totals['identities']} identities, {totals['rejects']} rejects"
-            f"{' (reused: nothing to do)' if manifest.get('reused') else ''}\n\n"
+            f"# {manifest.name}\n\n{totals.pairs} pairs, {totals.images} images, "
+            f"{totals.identities} identities, {totals.rejects} rejects"
+            f"{' (reused: nothing to do)' if reused else ''}\n\n"
             "| split | pairs | images | identities |\n|---|---|---|---|\n" + split_rows
         ),
     )
     get_run_logger().info(
         "wrote %d pairs in %d shards, %d rejects%s",
-        totals["pairs"],
-        len(manifest["shards"]),
-        totals["rejects"],
-        " (already built: nothing to do)" if manifest.get("reused") else "",
+        totals.pairs,
+        len(manifest.shards),
+        totals.rejects,
+        " (already built: nothing to do)" if reused else "",
     )

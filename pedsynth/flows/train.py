@@ -86,11 +86,30 @@ def train_retriever(
         key=_artifact_key(cfg.name, "summary"),
         markdown=(
             f"# {cfg.name}\n\ncheckpoint: {result['checkpoint']}\n\n{table}\n\n"
+            f"drawn from the shards: {draws_line(result.get('draws', {}))}\n\n"
             f"![loss and val R1](data:image/png;base64,{image})"
         ),
     )
     logger.info("%s: %s", cfg.name, _one_line(result))
+    logger.info("drawn from the shards: %s", draws_line(result.get("draws", {})))
     return result
+
+
+def draws_line(draws: dict[str, Any]) -> str:
+    """What training drew, per switch that is on (``metrics.json``'s ``draws``), in words."""
+    parts = []
+    if "nam" in draws:
+        nam = draws["nam"]
+        parts.append(
+            f"NAM used stored noise levels for {nam['stored_noise_share']:.0%} of captions "
+            f"({nam['uniform']} at the uniform rate)"
+        )
+    if "hard_negatives" in draws:
+        hard = draws["hard_negatives"]
+        parts.append(f"{hard['stored']} of {hard['slots']} hard-negative slots held stored ones")
+    if "bss" in draws:
+        parts.append(f"BSS used augmented captions for {draws['bss']['augmented_share']:.0%}")
+    return "; ".join(parts) or "no text-side switch on"
 
 
 def _one_line(result: dict[str, Any]) -> str:

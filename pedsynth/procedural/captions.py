@@ -4,6 +4,9 @@ Real annotators mention most attributes but not all, in varying order and words;
 caption draws which attributes to mention, a sentence pattern (twelve structures), synonyms
 and phrase order. Colours always use the canonical vocabulary words, so a later stage can find
 and swap them. What the view hides is never mentioned (no glasses from behind).
+
+It stays one module: most of its length is the twelve sentence patterns, deliberate variants
+of one another that read best side by side.
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ Stage sections that are absent (``None``) are skipped by the flow.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from pedsynth.schemas.base import StrictModel
 from pedsynth.schemas.text import CaptionConfig, FaithfulnessConfig, RewriteConfig
 from pedsynth.schemas.vision import MemoryConfig, ScoreConfig
 
@@ -20,15 +21,14 @@ SourceFormat = Literal["cuhk-pedes", "icfg-pedes", "rstpreid", "folder", "shards
 SOURCE_FORMATS: tuple[str, ...] = SourceFormat.__args__  # type: ignore[attr-defined]
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the key and the value."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SourceConfig(_Strict):
+class SourceConfig(StrictModel):
     """One input dataset.
 
     ``folder``: ``layout: per-identity`` takes each sub-folder as one identity;
@@ -62,7 +62,7 @@ class SourceConfig(_Strict):
         return cls(format=fmt, path=path)
 
 
-class IngestConfig(_Strict):
+class IngestConfig(StrictModel):
     """Limits that decide which images and captions are rejected."""
 
     max_image_bytes: int = Field(50_000_000, gt=0)
@@ -73,15 +73,24 @@ class IngestConfig(_Strict):
     jpeg_quality: int = Field(95, ge=50, le=100)
 
 
-class WriteConfig(_Strict):
+class WriteConfig(StrictModel):
     card_examples: int = Field(4, ge=0)
+    card_plots: bool = True  # False: no histograms, and matplotlib is never imported
 
 
-class BuildConfig(_Strict):
+class BuildConfig(StrictModel):
+    """A build: its sources, where it goes, how it runs, and one section per stage.
+
+    A stage with an optional section (caption, rewrite, ...) runs when its section is present;
+    ingest and write always run. ``runner`` chooses the Prefect task runner (``thread``: a
+    bounded thread pool of ``workers`` threads).
+    """
+
     name: str = "pedsynth"
     sources: list[SourceConfig] = Field(default_factory=list)
     out: str = "out/pedsynth"
     shard_rows: Annotated[int, Field(gt=0)] = 1_000
+    runner: Literal["thread"] = "thread"
     workers: Annotated[int, Field(ge=1, le=256)] = 4
     seed: int = 0
     ingest: IngestConfig = IngestConfig()
@@ -135,13 +144,34 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             node = node[k]
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key.sub=value`` strings; values are parsed as YAML scalars (``3``, ``true``)."""
+def optional_sections() -> list[str]:
+    """The config sections whose presence turns a stage on (absent: the stage is skipped)."""
+    return [name for name, info in BuildConfig.model_fields.items() if info.default is None]
+
+
+def apply_overrides(
+    data: dict, overrides: list[str], switch_sections: tuple[str, ...] | list[str] = ()
+) -> dict:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML scalars (``3``, ``true``).
+
+    A key inside one of ``switch_sections`` (sections whose presence turns a stage on) that the
+    config does not have is refused rather than turning the stage on by the side door;
+    ``--set 'memory={}'`` turns it on with its defaults.
+    """
+    sections = tuple(switch_sections)
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        top, dot, _ = key.partition(".")
+        if dot and top in sections and data.get(top) is None:
+            raise ConfigError(
+                f"--set {key}: the {top} stage is off in this config (no `{top}:` section); "
+                f"add a `{top}:` section to the config file, or pass --set '{top}={{}}' first "
+                "to turn it on with its defaults"
+            )
+        _set_dotted(data, key, yaml.safe_load(raw) if raw.strip() else None)
     return data
 
 
@@ -160,6 +190,25 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     return loaded or {}
 
 
+def load_model_config(
+    model: type[M],
+    path: str | Path | None,
+    overrides: list[str] | None,
+    values: dict[str, Any],
+    switch_sections: tuple[str, ...] | list[str] = (),
+) -> M:
+    """Read a YAML file, apply ``--set`` overrides, then command-line ``values`` (those not
+    None), and validate into ``model``; a ConfigError names every bad key and its value."""
+    data = read_config_file(path)
+    origin = "config" if path is None else str(path)
+    apply_overrides(data, list(overrides or []), switch_sections)
+    data.update({k: v for k, v in values.items() if v is not None})
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, data, origin)) from None
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -168,14 +217,6 @@ def load_config(
     overrides: list[str] | None = None,
 ) -> BuildConfig:
     """Read a YAML config, apply command-line values on top, and validate the result."""
-    data = read_config_file(path)
-    origin = "config" if path is None else str(path)
-    apply_overrides(data, list(overrides or []))
-    if sources:
-        data["sources"] = [SourceConfig.parse(s).model_dump(exclude_defaults=True) for s in sources]
-    if out is not None:
-        data["out"] = out
-    try:
-        return BuildConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, data, origin)) from None
+    parsed = [SourceConfig.parse(s).model_dump(exclude_defaults=True) for s in sources or []]
+    values = {"sources": parsed or None, "out": out}
+    return load_model_config(BuildConfig, path, overrides, values, optional_sections())

@@ -8,6 +8,7 @@ shards are self-contained. Bump ``SCHEMA_VERSION`` on any change a reader could 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pyarrow as pa
 
@@ -100,6 +101,30 @@ def empty_table(schema: pa.Schema) -> pa.Table:
 def pairs_table(rows: list[dict]) -> pa.Table:
     """Build a pairs table from row dicts; missing optional columns become null."""
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+
+
+REJECT_COLUMNS: tuple[str, ...] = tuple(REJECTS_SCHEMA.names)
+REJECT_ROW_FIELDS: tuple[str, ...] = (
+    "source",
+    "image_id",
+    "pair_id",
+    "person_id",
+    "split",
+    "caption",
+)
+"""The columns of a pairs (or catalogue) row that a reject row copies."""
+
+
+def reject_row(
+    stage: str, reason: str, detail: str | None, row: dict[str, Any] | None = None, **fields: Any
+) -> dict[str, Any]:
+    """The one builder of a rejects row: what was rejected (``row``, any superset of the
+    id columns), by which stage, and why. ``fields`` override what ``row`` says."""
+    out: dict[str, Any] = {"stage": stage, "reason": reason, "detail": detail}
+    for name in REJECT_ROW_FIELDS:
+        out[name] = (row or {}).get(name)
+    out.update(fields)
+    return out
 
 
 def rejects_table(rows: list[dict]) -> pa.Table:

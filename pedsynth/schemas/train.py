@@ -10,38 +10,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from pedsynth.schemas.config import (
-    ConfigError,
-    _format_validation_error,
-    apply_overrides,
-    read_config_file,
-)
+from pedsynth.schemas.base import StrictModel
+from pedsynth.schemas.config import load_model_config
 from pedsynth.schemas.text import EngineConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which open_clip dual encoder to train.
 
     ``name``: an open_clip architecture (``ViT-B-16``, ``pedsynth-tiny-clip-small``), an
     ``hf-hub:org/repo`` id or ``local-dir:/path``. ``pretrained``: an open_clip tag
-    (``openai``), a local weights file (``.safetensors`` or a weights-only torch file), or
-    null for random initialisation.
+    (``openai``), a local ``.safetensors`` file (an open_clip state dict or a train-retriever
+    checkpoint; pickles are never loaded), or null for random initialisation. Images keep
+    their aspect ratio, padded (``resize_mode: pad``) or centre-cropped (``crop``) to
+    ``image_size``, as in the score and memory stages.
     """
 
     name: str = "pedsynth-tiny-clip-small"
     pretrained: str | None = None
     image_size: tuple[int, int] | None = None  # (height, width); default: the architecture's
+    resize_mode: Literal["pad", "crop"] = "pad"
     context_length: int = Field(77, ge=8, le=512)
 
 
-class AugmentConfig(_Strict):
-    """IRRA's image augmentation: flip, pad + random crop, random erasing."""
+class AugmentConfig(StrictModel):
+    """IRRA's image augmentation (torchvision v2, on top of the evaluation preprocessing):
+    horizontal flip (p 0.5), ``pad`` pixels + random crop back to size, random erasing."""
 
     flip: bool = True
     pad: int = Field(10, ge=0)
@@ -49,7 +45,7 @@ class AugmentConfig(_Strict):
     erasing: float = Field(0.5, ge=0.0, le=1.0)  # probability of one erased box per image
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     sdm: bool = True
     sdm_tau: float = Field(0.02, gt=0)
     id: bool = True
@@ -67,7 +63,7 @@ class LossConfig(_Strict):
         return self
 
 
-class TextConfig(_Strict):
+class TextConfig(StrictModel):
     """Text-side methods: BSS caption sampling, NAM masking, hard-negative batches."""
 
     bss: bool = False
@@ -78,7 +74,7 @@ class TextConfig(_Strict):
     hard_negative_fraction: float = Field(0.25, ge=0, lt=1)  # share of each batch
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     """IRRA's optimiser: Adam, new heads at ×5 the rate, linear warm-up then cosine decay."""
 
     lr: float = Field(1e-5, gt=0)
@@ -92,7 +88,7 @@ class OptimConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     batch_size: int = Field(256, ge=1)
     every_epochs: int = Field(1, ge=1)
     rerank: bool = False  # also report k-reciprocal re-ranked metrics
@@ -103,7 +99,7 @@ class EvalConfig(_Strict):
     rerank_model: EngineConfig | None = None
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     name: str = "retriever"
     data: str | None = None  # a pedsynth build folder, or FORMAT:PATH of a raw dataset
     out: str = "runs/retriever"
@@ -133,14 +129,4 @@ def load_train_config(
     overrides: list[str] | None = None,
 ) -> TrainConfig:
     """Read a YAML train config, apply ``--set key=value`` and command-line values, validate."""
-    raw = read_config_file(path)
-    origin = "config" if path is None else str(path)
-    apply_overrides(raw, list(overrides or []))
-    if data is not None:
-        raw["data"] = data
-    if out is not None:
-        raw["out"] = out
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, raw, origin)) from None
+    return load_model_config(TrainConfig, path, overrides, {"data": data, "out": out})

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from pedsynth.schemas.base import StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ClipModelConfig(_Strict):
+class ClipModelConfig(StrictModel):
     """Which CLIP to run and how.
 
     ``pretrained``: an open_clip tag (``openai``, ``laion2b_s34b_b88k``), an ``hf-hub:org/repo``
@@ -43,14 +41,14 @@ class ClipModelConfig(_Strict):
         return self
 
 
-class ScoreConfig(_Strict):
+class ScoreConfig(StrictModel):
     """The ``score`` stage: CLIP image–text score and per-token noise levels for every pair."""
 
     clip: ClipModelConfig = ClipModelConfig()
     min_clip_score: float | None = Field(None, ge=-1.0, le=1.0)  # below → rejected
 
 
-class MemoryConfig(_Strict):
+class MemoryConfig(StrictModel):
     """The ``memory`` stage (RAR): faiss HNSW indexes, near-duplicates and hard negatives."""
 
     clip: ClipModelConfig = ClipModelConfig()

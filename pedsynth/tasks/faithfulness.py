@@ -21,11 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pedsynth.engines.embedder import get_embedder
-from pedsynth.schemas.tables import PAIRS_SCHEMA, rejects_table
+from pedsynth.schemas.tables import PAIRS_SCHEMA, REJECT_ROW_FIELDS, reject_row, rejects_table
 from pedsynth.schemas.text import FaithfulnessConfig
-from pedsynth.tasks.caption import reject_row
-
-_REJECT_COLUMNS = ["pair_id", "image_id", "person_id", "split", "source", "caption", "parent_id"]
 
 
 class FaithfulnessStage:
@@ -35,7 +32,7 @@ class FaithfulnessStage:
         self.config, self.seed = config, seed
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        return {"config": self.config.model_dump(mode="json"), "version": "1"}
+        return {"config": self.config.model_dump(mode="json")}
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
@@ -69,7 +66,7 @@ class FaithfulnessStage:
         unfaithful = in_scope & ~missing & (scores < self.config.alpha)
 
         rejects: list[dict[str, Any]] = []
-        info = table.select(_REJECT_COLUMNS).to_pylist()
+        info = table.select(list(REJECT_ROW_FIELDS)).to_pylist()
         for i in np.flatnonzero(missing):
             detail = f"parent {parents[i]} is not in this shard"
             rejects.append(reject_row(self.name, "parent_missing", detail, info[i]))

@@ -3,11 +3,12 @@ filter runs inside its loop.
 
 Each selected caption (``sources``, default the originals) gets K requests with the rewrite
 instruction; the sampling seed comes from (seed, parent pair_id, k, attempt). A draft must pass
-the generic checks (:func:`pedsynth.tasks.caption.check_generated`), differ from its parent, and,
-when ``alpha`` is set, have a sentence-embedding cosine with its parent of at least ``alpha``.
-A draft that fails any of these is asked again, up to ``max_retries`` (R) times: each discarded
-draft is a reject row ``regenerated:<reason>`` and a slot that still fails a reject row
-``<reason>`` (``unfaithful`` for the filter). Passing rows carry their score in
+the generic checks (:func:`pedsynth.tasks.text_checks.check_generated`), differ from its
+parent, and, when ``alpha`` is set, have a sentence-embedding cosine with its parent of at least
+``alpha`` (one embedder call per round, :func:`faithfulness_check`). The shared regenerate
+loop (:mod:`pedsynth.tasks.regenerate`) asks a failed draft again, up to ``max_retries`` (R)
+times: each discarded draft is a reject row ``regenerated:<reason>`` and a slot that still
+fails a reject row ``<reason>`` (``unfaithful`` for the filter). Passing rows carry their score in
 ``faithfulness``. The filter lives here because regenerating needs the rewrite engine; the
 separate ``faithfulness`` stage filters captions made elsewhere (edit re-annotations).
 
@@ -17,24 +18,29 @@ from the parent, ``pair_id = stable_id(parent_id, "rewrite", k, caption)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pedsynth.engines.embedder import get_embedder
-from pedsynth.engines.text import ChatRequest, derive_seed, get_generator
+from pedsynth.engines.embedder import SentenceEmbedder, get_embedder
+from pedsynth.engines.text import ChatRequest, get_generator
 from pedsynth.prompts import load_prompt
 from pedsynth.schemas.tables import PAIRS_SCHEMA, pairs_table, rejects_table, stable_id
 from pedsynth.schemas.text import RewriteConfig
-from pedsynth.tasks.caption import (
-    CHECKS_VERSION,
+from pedsynth.tasks.regenerate import (
+    BatchCheck,
+    Check,
+    Draft,
     Rejected,
-    check_generated,
-    engine_failure,
-    reject_row,
+    Scored,
+    Slot,
+    Verdict,
+    regenerate,
 )
+from pedsynth.tasks.text_checks import generated_text_check
 
 _PARENT_COLUMNS = [
     "pair_id",
@@ -50,27 +56,50 @@ _PARENT_COLUMNS = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Job:
+    """One rewrite slot: the k-th rewrite of a parent caption."""
+
     parent: dict[str, Any]
     k: int
-    attempt: int = 0
 
     @property
-    def request_id(self) -> str:
-        return f"{self.parent['pair_id']}#{self.k}"
+    def source(self) -> str:
+        return f"{self.parent['source']}/rewrite{self.k}"
 
 
 def _same_text(a: str, b: str) -> bool:
     return " ".join(a.lower().split()).rstrip(".") == " ".join(b.lower().split()).rstrip(".")
 
 
+def _changed(draft: Draft[_Job], text: str) -> str | Rejected:
+    """A rewrite must differ from its parent (case, spacing and a final full stop aside)."""
+    if _same_text(text, draft.payload.parent["caption"]):
+        return Rejected("unchanged", "the rewrite repeats the caption")
+    return text
+
+
+def faithfulness_check(embedder: SentenceEmbedder, alpha: float) -> BatchCheck:
+    """LLM-DA's filter over a round: cosine of each draft with its parent, at least ``alpha``;
+    the whole round is embedded in one call."""
+
+    def check(drafts: Sequence[Draft[_Job]], texts: Sequence[str]) -> list[Verdict]:
+        parents = [d.payload.parent["caption"] for d in drafts]
+        sims = embedder.pair_similarity(list(texts), parents)
+        return [
+            Scored(text, sim)
+            if sim >= alpha
+            else Rejected("unfaithful", f"cosine {sim:.3f} < alpha {alpha} to its parent")
+            for text, sim in zip(texts, sims.tolist(), strict=True)
+        ]
+
+    return BatchCheck(check)
+
+
 class RewriteStage:
     name = "rewrite"
 
     def __init__(self, config: RewriteConfig, seed: int):
-        if config.min_words > config.max_words:
-            raise ValueError("rewrite: min_words must not exceed max_words")
         self.config, self.seed = config, seed
         self.prompt = load_prompt("rewrite")
 
@@ -79,7 +108,6 @@ class RewriteStage:
             "config": self.config.model_dump(mode="json"),
             "generator": self.config.engine.generator_id,
             "prompt": self.prompt.hash,
-            "checks": CHECKS_VERSION,
             "seed": self.seed,
         }
 
@@ -90,71 +118,43 @@ class RewriteStage:
         )
         return table.filter(pc.fill_null(wanted, False)).select(_PARENT_COLUMNS).to_pylist()
 
+    def _slot(self, job: _Job) -> Slot[_Job]:
+        pair_id = job.parent["pair_id"]
+        request = ChatRequest(
+            request_id=f"{pair_id}#{job.k}",
+            prompt=self.prompt.render(caption=job.parent["caption"]),
+        )
+        return Slot(job, request, seed_parts=(pair_id, job.k))
+
+    def _checks(self, with_filter: bool) -> list[Check | BatchCheck]:
+        cfg = self.config
+        checks: list[Check | BatchCheck] = [generated_text_check(cfg), _changed]
+        if with_filter:
+            checks.append(faithfulness_check(get_embedder(cfg.embedder), cfg.alpha))
+        return checks
+
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
         cfg = self.config
         per_parent = range(cfg.rewrites_per_caption)
-        pending = [_Job(p, k) for p in self._parents(table) for k in per_parent]
-        generator = get_generator(cfg.engine, "text") if pending else None
-        embedder = get_embedder(cfg.embedder) if pending and cfg.alpha is not None else None
-        new_rows: list[dict[str, Any]] = []
-        rejects: list[dict[str, Any]] = []
-        while pending:
-            seeds = [derive_seed(self.seed, j.parent["pair_id"], j.k, j.attempt) for j in pending]
-            requests = [
-                ChatRequest(
-                    request_id=job.request_id,
-                    prompt=self.prompt.render(caption=job.parent["caption"]),
-                    seed=seed,
-                )
-                for job, seed in zip(pending, seeds, strict=True)
-            ]
-            results = generator.generate(requests)
-            outcomes: list[str | Rejected] = []
-            for job, result in zip(pending, results, strict=True):
-                if not result.ok:
-                    outcomes.append(engine_failure(result))
-                    continue
-                outcome = check_generated(
-                    result.text,
-                    min_words=cfg.min_words,
-                    max_words=cfg.max_words,
-                    truncated=cfg.reject_truncated and result.finish_reason == "length",
-                )
-                if isinstance(outcome, str) and _same_text(outcome, job.parent["caption"]):
-                    outcome = Rejected("unchanged", "the rewrite repeats the caption")
-                outcomes.append(outcome)
-            scores: list[float | None] = [None] * len(pending)
-            if embedder is not None:
-                idx = [i for i, o in enumerate(outcomes) if isinstance(o, str)]
-                sims = embedder.pair_similarity(
-                    [outcomes[i] for i in idx], [pending[i].parent["caption"] for i in idx]
-                )
-                for i, sim in zip(idx, sims.tolist(), strict=True):
-                    scores[i] = sim
-                    if sim < cfg.alpha:
-                        outcomes[i] = Rejected(
-                            "unfaithful", f"cosine {sim:.3f} < alpha {cfg.alpha} to its parent"
-                        )
-            retry: list[_Job] = []
-            for job, result, outcome, seed, score in zip(
-                pending, results, outcomes, seeds, scores, strict=True
-            ):
-                if isinstance(outcome, str):
-                    new_rows.append(self._row(job, outcome, generator.generator_id, seed, score))
-                    continue
-                base = job.parent | {"caption": result.text if result.ok else None}
-                base["source"] = f"{job.parent['source']}/rewrite{job.k}"
-                detail = f"{outcome.detail} (try {job.attempt + 1}, parent {job.parent['pair_id']})"
-                if outcome.reason != "generation_failed" and job.attempt < cfg.max_retries:
-                    reason = f"regenerated:{outcome.reason}"
-                    rejects.append(reject_row(self.name, reason, detail, base))
-                    job.attempt += 1
-                    retry.append(job)
-                else:
-                    rejects.append(reject_row(self.name, outcome.reason, detail, base))
-            pending = retry
-        return pa.concat_tables([table, pairs_table(new_rows)]), rejects_table(rejects)
+        slots = [self._slot(_Job(p, k)) for p in self._parents(table) for k in per_parent]
+        generator = get_generator(cfg.engine, "text") if slots else None
+        done = regenerate(
+            slots,
+            generator,
+            stage=self.name,
+            seed=self.seed,
+            max_retries=cfg.max_retries,
+            checks=self._checks(with_filter=bool(slots) and cfg.alpha is not None),
+            describe=_describe,
+        )
+        new_rows = [
+            self._row(
+                kept.draft.payload, kept.text, generator.generator_id, kept.draft.seed, kept.score
+            )
+            for kept in done.kept
+        ]
+        return pa.concat_tables([table, pairs_table(new_rows)]), rejects_table(done.rejects)
 
     def _row(
         self, job: _Job, caption: str, generator_id: str, seed: int, score: float | None
@@ -170,7 +170,7 @@ class RewriteStage:
             "height": parent["height"],
             "caption": caption,
             "caption_source": "rewrite",
-            "source": f"{parent['source']}/rewrite{job.k}",
+            "source": job.source,
             "parent_id": parent["pair_id"],
             "template_id": None,
             "generator": generator_id,
@@ -179,6 +179,13 @@ class RewriteStage:
             "faithfulness": score,
             "edit": parent["edit"],
         }
+
+
+def _describe(draft: Draft[_Job]) -> tuple[dict[str, Any], str]:
+    """A reject row of a rewrite draft: the parent's ids, with the draft as its caption."""
+    job, result = draft.payload, draft.result
+    row = job.parent | {"caption": result.text if result.ok else None, "source": job.source}
+    return row, f"parent {job.parent['pair_id']}"
 
 
 def build_stage(config: RewriteConfig, seed: int) -> RewriteStage:

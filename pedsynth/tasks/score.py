@@ -1,7 +1,8 @@
 """The ``score`` stage: CLIP image–text score and per-token noise levels for every pair.
 
 For each pair it fills ``clip_score`` (cosine of the pooled embeddings), ``tokens`` (the caption
-as the CLIP tokenizer splits it, start/end/padding excluded) and ``token_noise`` (MLLM4Text-ReID:
+as the CLIP tokenizer splits it, start/end/padding excluded, in the one stored form of
+``pedsynth.engines.clip_tokens``) and ``token_noise`` (MLLM4Text-ReID:
 r_i = 1 − max_j cos(t_i, v_j) over the image's patch tokens, CLS excluded, at the configured
 block). The trainer turns r into per-token masking probabilities.
 
@@ -20,13 +21,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pedsynth.schemas.tables import PAIRS_SCHEMA, rejects_table
+from pedsynth.schemas.tables import PAIRS_SCHEMA, REJECT_ROW_FIELDS, reject_row, rejects_table
 from pedsynth.schemas.vision import ScoreConfig
 
 log = logging.getLogger(__name__)
 
 STAGE = "score"
-REJECT_COLUMNS = ["image_id", "pair_id", "person_id", "split", "caption", "source"]
 
 
 class ScoreStage:
@@ -63,10 +63,9 @@ def build_stage(cfg: ScoreConfig, seed: int = 0) -> ScoreStage:
 def _reject_rows(table: pa.Table, rows: list[int], reason: str, details: list[str]) -> list[dict]:
     if not rows:
         return []
-    picked = table.take(pa.array(rows, pa.int64())).select(REJECT_COLUMNS).to_pylist()
+    picked = table.take(pa.array(rows, pa.int64())).select(list(REJECT_ROW_FIELDS)).to_pylist()
     return [
-        {**row, "stage": STAGE, "reason": reason, "detail": detail}
-        for row, detail in zip(picked, details, strict=True)
+        reject_row(STAGE, reason, detail, row) for row, detail in zip(picked, details, strict=True)
     ]
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +21,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pedsynth
+from pedsynth.atomic import atomic_write_with
+from pedsynth.codehash import code_hash
 from pedsynth.schemas.tables import REJECTS_SCHEMA
 
 WORK_DIR = "_work"
 
 
-def code_version() -> str:
-    return pedsynth.__version__
+def code_version(*modules: str) -> str:
+    """``version+hash`` of the code reached from ``modules`` (default: the whole package).
+
+    Fingerprints use it so that a change to the code that computes an output recomputes it;
+    see :mod:`pedsynth.codehash`.
+    """
+    return f"{pedsynth.__version__}+{code_hash(*modules)}"
 
 
 def fingerprint(**parts: Any) -> str:
@@ -46,32 +51,11 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_parquet_atomic(table: pa.Table, path: str | Path) -> None:
     """Write ``table`` to ``path`` so that readers see either nothing or the whole file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=1_000)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_with(
+        path, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=1_000)
+    )
 
 
 @dataclass(frozen=True)
@@ -87,6 +71,13 @@ class ShardResult:
     rejected: int
     reused: bool = False
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def content_fingerprint(self) -> str:
+        """What the next stage's fingerprint chains to (the ``ShardInput`` protocol)."""
+        return self.fingerprint
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.path, columns=columns)
 
 
 def shard_paths(out_dir: str | Path, stage: str, key: str, fp: str) -> tuple[Path, Path]:
@@ -110,35 +101,30 @@ def run_shard(
 ) -> ShardResult:
     """Return the finished output for (stage, key, fp), computing and committing it if absent."""
     path, rejects_path = shard_paths(out_dir, stage, key, fp)
-    if path.exists() and rejects_path.exists():
+    reused = path.exists() and rejects_path.exists()
+    if reused:
+        rows = pq.read_metadata(path).num_rows
         rejects = pq.read_table(rejects_path, columns=["reason"])
-        return ShardResult(
-            stage,
-            key,
-            fp,
-            str(path),
-            str(rejects_path),
-            rows=pq.read_metadata(path).num_rows,
-            rejected=rejects.num_rows,
-            reused=True,
-            rejects_by_reason=_count_reasons(rejects),
-        )
-    table, rejects = compute()
-    rejects = rejects.cast(REJECTS_SCHEMA) if rejects.schema != REJECTS_SCHEMA else rejects
-    write_parquet_atomic(rejects, rejects_path)
-    write_parquet_atomic(table, path)  # the commit point: its presence means "done"
+    else:
+        table, rejects = compute()
+        rejects = rejects.cast(REJECTS_SCHEMA) if rejects.schema != REJECTS_SCHEMA else rejects
+        write_parquet_atomic(rejects, rejects_path)
+        write_parquet_atomic(table, path)  # the commit point: its presence means "done"
+        rows = table.num_rows
     return ShardResult(
         stage,
         key,
         fp,
         str(path),
         str(rejects_path),
-        rows=table.num_rows,
+        rows=rows,
         rejected=rejects.num_rows,
+        reused=reused,
         rejects_by_reason=_count_reasons(rejects),
     )
 
 
 def read_shard(result: ShardResult | str | Path, columns: list[str] | None = None) -> pa.Table:
-    path = result.path if isinstance(result, ShardResult) else result
-    return pq.read_table(path, columns=columns)
+    if isinstance(result, ShardResult):
+        return result.read(columns)
+    return pq.read_table(result, columns=columns)

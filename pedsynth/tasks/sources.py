@@ -24,10 +24,17 @@ from pedsynth.schemas.tables import CATALOG_SCHEMA
 from pedsynth.tasks import ingest
 from pedsynth.tasks.shards import ShardResult, code_version, file_sha256, fingerprint, run_shard
 
+SOURCE_LABEL_KEY = b"pedsynth.source_label"
+
 
 @dataclass(frozen=True)
 class Chunk:
-    """One unit of ingest work: a slice of a catalogue, or one existing shard file."""
+    """One unit of ingest work: a slice of a catalogue, or one existing shard file.
+
+    It is the ingest stage's ``ShardInput``: ``read()`` gives the catalogue rows (or the shard's
+    rows, labelled with their source in the schema metadata) and ``content_fingerprint()``
+    covers the catalogue slice and the size and mtime of each image file it names.
+    """
 
     source: str  # the source's label
     key: str
@@ -36,6 +43,25 @@ class Chunk:
     input_fp: str
     start: int = 0
     stop: int = 0
+    shard_rows: int = 0  # rows of an existing shard file
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start if self.kind == "catalog" else self.shard_rows
+
+    def read(self) -> pa.Table:
+        if self.kind == "catalog":
+            return _read_rows(self.input_path, self.start, self.stop)
+        table = pq.read_table(self.input_path)
+        metadata = {**(table.schema.metadata or {}), SOURCE_LABEL_KEY: self.source.encode()}
+        return table.replace_schema_metadata(metadata)
+
+    def content_fingerprint(self) -> str:
+        if self.kind == "shard":
+            return self.input_fp
+        catalog = _read_rows(self.input_path, self.start, self.stop)
+        files = [_stat(p) for p in catalog.column("image_path").to_pylist()]
+        return fingerprint(input=self.input_fp, start=self.start, stop=self.stop, files=files)
 
 
 def prepare_source(source: SourceConfig) -> SourceConfig:
@@ -62,7 +88,8 @@ def _table_fingerprint(table: pa.Table) -> str:
     return hashlib.sha256(sink.getvalue()).hexdigest()[:16]
 
 
-def _shard_files(root: Path) -> list[Path]:
+def shard_files(root: Path) -> list[Path]:
+    """The Parquet files of a ``shards`` source: a file, a build's ``data/``, or a folder."""
     if root.is_file():
         return [root]
     if not root.exists():
@@ -85,8 +112,15 @@ def plan_chunks(
     source = prepare_source(source)
     if source.format == "shards":
         chunks = [
-            Chunk(source.label, f"{source.label}-{i:05d}", "shard", str(p), file_sha256(p))
-            for i, p in enumerate(_shard_files(Path(source.path)))
+            Chunk(
+                source.label,
+                f"{source.label}-{i:05d}",
+                "shard",
+                str(p),
+                file_sha256(p),
+                shard_rows=pq.read_metadata(p).num_rows,
+            )
+            for i, p in enumerate(shard_files(Path(source.path)))
         ]
         return chunks, None
 
@@ -94,7 +128,7 @@ def plan_chunks(
     fp = fingerprint(
         catalog=_table_fingerprint(catalog),
         rejects=_table_fingerprint(rejects),
-        code=code_version(),
+        code=code_version(__name__),
     )
     result = run_shard(out_dir, "catalog", source.label, fp, lambda: (catalog, rejects))
     weights = pc.max_element_wise(pc.list_value_length(catalog.column("captions")), 1)
@@ -138,26 +172,6 @@ def _stat(path: str) -> tuple[int, int] | None:
 
 def ingest_chunk(chunk: Chunk, cfg: IngestConfig, out_dir: str | Path) -> ShardResult:
     """Load and verify the images of one chunk into an ingest shard (or reuse a finished one)."""
-    if chunk.kind == "shard":
-        return _ingest_shard_file(chunk, cfg, out_dir)
-    catalog = _read_rows(chunk.input_path, chunk.start, chunk.stop)
-    fp = fingerprint(
-        input=chunk.input_fp,
-        start=chunk.start,
-        stop=chunk.stop,
-        ingest=cfg.model_dump(),
-        code=code_version(),
-        files=[_stat(p) for p in catalog.column("image_path").to_pylist()],
-    )
-    return run_shard(out_dir, "ingest", chunk.key, fp, lambda: ingest.load_images(catalog, cfg))
+    from pedsynth.tasks.stages import run_shard_stage
 
-
-def _ingest_shard_file(chunk: Chunk, cfg: IngestConfig, out_dir: str | Path) -> ShardResult:
-    fp = fingerprint(input=chunk.input_fp, ingest=cfg.model_dump(), code=code_version())
-    return run_shard(
-        out_dir,
-        "ingest",
-        chunk.key,
-        fp,
-        lambda: ingest.verify_pairs(pq.read_table(chunk.input_path), cfg, chunk.source),
-    )
+    return run_shard_stage("ingest", cfg, 0, chunk, out_dir)

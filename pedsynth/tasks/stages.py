@@ -1,27 +1,51 @@
-"""The stage protocol between ingest and write, and the registry the flow reads.
+"""The stage contract and the one registry the flow reads.
 
-A *shard stage* (caption, rewrite, faithfulness, edit, score) maps one pairs shard to one pairs
-shard plus rejects: ``stage(table) -> (table, rejects)``. It also names everything its output
-depends on (``fingerprint_parts``: config, model ids and revisions, prompt hashes, seed), which
-the resume rule hashes together with the input shard's fingerprint. A *dataset stage* (memory)
-needs every shard at once. Stages load their models lazily on first call, so building one is
-cheap; ``get_shard_stage`` keeps one instance per (stage, config) in each worker process, so a
-model is loaded once and reused across shards.
+Every step of a build is a stage, ingest and write included, in two kinds of one contract:
+
+* a **shard stage** maps one shard to one shard plus rejects, ``stage(table) -> (table,
+  rejects)``; the flow runs it once per shard, in parallel (ingest, caption, rewrite,
+  faithfulness, score);
+* a **dataset stage** needs every shard at once, ``stage.run(shards, context) -> shards``
+  (memory, write).
+
+Both are built by a factory ``build_stage(section, seed)`` from their config section, load
+their models lazily on first call, and name what shapes their output in
+``fingerprint_parts()`` (config, model ids and revisions, prompt hashes, seed — not transport
+settings). The registry adds the input's fingerprint and a content hash of the stage's code
+(:mod:`pedsynth.codehash`), so a rerun reuses exactly the outputs that the same code would
+compute again.
+
+Adding a stage is one module with ``build_stage``, one line in :data:`STAGES` (its place in
+the pipeline) and one optional config section of the same name in ``schemas/config.py``.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import pyarrow as pa
 from pydantic import BaseModel
 
-from pedsynth.tasks.shards import ShardResult, code_version, fingerprint, read_shard, run_shard
+from pedsynth.codehash import code_hash
+from pedsynth.engines.cache import cache_key, cached
+from pedsynth.tasks.shards import ShardResult, fingerprint, run_shard
+
+Kind = Literal["shard", "dataset"]
+
+
+class ShardInput(Protocol):
+    """What a shard stage reads: a committed shard, or a slice of a source (ingest)."""
+
+    key: str
+    rows: int
+
+    def content_fingerprint(self) -> str: ...
+
+    def read(self) -> pa.Table: ...
 
 
 class ShardStage(Protocol):
@@ -32,60 +56,106 @@ class ShardStage(Protocol):
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]: ...
 
 
+@dataclass(frozen=True)
+class StageContext:
+    """What a dataset stage is told about the build besides its input shards."""
+
+    out_dir: str
+    fingerprint: str  # of this stage's output: its inputs, its config, its code
+    shard_rows: int
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved build config
+    stages: dict[str, Any] = field(default_factory=dict)  # StageCounts of the stages before
+    reject_paths: tuple[str, ...] = ()  # every rejects file written so far
+    code_hashes: dict[str, str] = field(default_factory=dict)
+
+
 class DatasetStage(Protocol):
     name: str
 
-    def run(self, shards: list[ShardResult], out_dir: str) -> list[ShardResult]: ...
+    def fingerprint_parts(self) -> dict[str, Any]: ...
+
+    def run(self, shards: list[ShardResult], context: StageContext) -> list[ShardResult]: ...
 
 
-StageFactory = Callable[[BaseModel, int], Any]  # (section config, build seed) -> stage
+@dataclass(frozen=True)
+class StageEntry:
+    name: str
+    target: str  # "module:factory", imported on first use (a build without models never
+    # imports torch)
+    kind: Kind
+    optional: bool = True  # runs only when its config section is present
 
-# name -> "module:factory". Imported on first use, so a build without a model stage never
-# imports torch. Later stages add one line here and one config section in schemas/config.py.
-SHARD_STAGES: dict[str, str] = {
-    "caption": "pedsynth.tasks.caption:build_stage",
-    "rewrite": "pedsynth.tasks.rewrite:build_stage",
-    "faithfulness": "pedsynth.tasks.faithfulness:build_stage",
-    "score": "pedsynth.tasks.score:build_stage",
-}
-DATASET_STAGES: dict[str, str] = {
-    "memory": "pedsynth.tasks.memory:build_stage",
-}
-
-_instances: dict[str, ShardStage] = {}
-_lock = threading.Lock()
+    @property
+    def module(self) -> str:
+        return self.target.partition(":")[0]
 
 
-def _factory(registry: dict[str, str], name: str) -> StageFactory:
-    if name not in registry:
-        raise KeyError(f"no stage named {name!r}; known: {sorted(registry)}")
-    module, _, attr = registry[name].partition(":")
+STAGES: tuple[StageEntry, ...] = (
+    StageEntry("ingest", "pedsynth.tasks.ingest_stage:build_stage", "shard", optional=False),
+    StageEntry("caption", "pedsynth.tasks.caption:build_stage", "shard"),
+    StageEntry("rewrite", "pedsynth.tasks.rewrite:build_stage", "shard"),
+    StageEntry("faithfulness", "pedsynth.tasks.faithfulness:build_stage", "shard"),
+    StageEntry("score", "pedsynth.tasks.score:build_stage", "shard"),
+    StageEntry("memory", "pedsynth.tasks.memory:build_stage", "dataset"),
+    StageEntry("write", "pedsynth.tasks.write:build_stage", "dataset", optional=False),
+)
+
+
+def entry(name: str) -> StageEntry:
+    for item in STAGES:
+        if item.name == name:
+            return item
+    raise KeyError(f"no stage named {name!r}; known: {', '.join(s.name for s in STAGES)}")
+
+
+def active_stages(config: BaseModel) -> list[StageEntry]:
+    """The registry's stages that this build config runs, in pipeline order."""
+    return [s for s in STAGES if not s.optional or getattr(config, s.name, None) is not None]
+
+
+def _factory(name: str) -> Callable[[BaseModel, int], Any]:
+    module, _, attr = entry(name).target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
-def build_dataset_stage(name: str, section: BaseModel, seed: int) -> DatasetStage:
-    return _factory(DATASET_STAGES, name)(section, seed)
+def get_stage(name: str, section: BaseModel, seed: int) -> Any:
+    """The process-wide instance of a stage for this config, built on first use and reused
+    across shards (so its models load once per worker)."""
+    key = cache_key("stage", name, section.model_dump(mode="json"), seed)
+    return cached(key, lambda: _factory(name)(section, seed))
 
 
-def _key(name: str, section: BaseModel, seed: int) -> str:
-    return json.dumps([name, section.model_dump(mode="json"), seed], sort_keys=True)
+def stage_code_hash(name: str) -> str:
+    return code_hash(entry(name).module)
 
 
-def get_shard_stage(name: str, section: BaseModel, seed: int) -> ShardStage:
-    """The process-wide instance of a stage for this config (built on first use)."""
-    key = _key(name, section, seed)
-    with _lock:
-        if key not in _instances:
-            _instances[key] = _factory(SHARD_STAGES, name)(section, seed)
-        return _instances[key]
+def stage_fingerprint(name: str, stage: Any, input_fingerprint: Any) -> str:
+    return fingerprint(
+        input=input_fingerprint,
+        stage=name,
+        parts=stage.fingerprint_parts(),
+        code=stage_code_hash(name),
+    )
 
 
 def run_shard_stage(
-    name: str, section: BaseModel, seed: int, shard: ShardResult, out_dir: str | Path
+    name: str, section: BaseModel, seed: int, shard: ShardInput, out_dir: str | Path
 ) -> ShardResult:
     """One shard through one stage, skipped when its fingerprinted output already exists."""
-    stage = get_shard_stage(name, section, seed)
-    fp = fingerprint(
-        input=shard.fingerprint, stage=name, parts=stage.fingerprint_parts(), code=code_version()
-    )
-    return run_shard(out_dir, name, shard.key, fp, lambda: stage(read_shard(shard)))
+    stage = get_stage(name, section, seed)
+    fp = stage_fingerprint(name, stage, shard.content_fingerprint())
+    return run_shard(out_dir, name, shard.key, fp, lambda: stage(shard.read()))
+
+
+def run_dataset_stage(
+    name: str,
+    section: BaseModel,
+    seed: int,
+    shards: list[ShardResult],
+    context: StageContext,
+) -> list[ShardResult]:
+    """Every shard through one dataset stage; ``context.fingerprint`` is filled in here."""
+    stage = get_stage(name, section, seed)
+    fp = stage_fingerprint(name, stage, [(s.stage, s.key, s.fingerprint) for s in shards])
+    context = StageContext(**{**context.__dict__, "fingerprint": fp})
+    return stage.run(shards, context)

@@ -8,9 +8,9 @@ nothing at all.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,10 +20,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pedsynth.schemas.tables import PAIRS_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, rejects_table
+from pedsynth.schemas.config import WriteConfig
+from pedsynth.schemas.manifest import MANIFEST_FILE, Manifest, StageCounts
+from pedsynth.schemas.tables import (
+    PAIRS_SCHEMA,
+    REJECTS_SCHEMA,
+    SCHEMA_VERSION,
+    reject_row,
+    rejects_table,
+)
 from pedsynth.tasks.shards import (
     ShardResult,
-    atomic_write_bytes,
     code_version,
     file_sha256,
     fingerprint,
@@ -34,33 +41,28 @@ log = logging.getLogger(__name__)
 
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 REJECTS_PER_FILE = 100_000
+STAGE = "write"
 
 
 def build_fingerprint(inputs: list[ShardResult], shard_rows: int, write_cfg: dict) -> str:
+    """What a finished build is recognised by: its inputs, its layout and the write code."""
     return fingerprint(
         inputs=[(r.stage, r.key, r.fingerprint) for r in inputs],
         shard_rows=shard_rows,
         write=write_cfg,
         schema=SCHEMA_VERSION,
-        code=code_version(),
+        code=code_version(__name__),
     )
 
 
-def read_manifest(out_dir: str | Path) -> dict | None:
-    path = Path(out_dir) / MANIFEST
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
-def finished_manifest(out_dir: str | Path, build_fp: str) -> dict | None:
+def finished_manifest(out_dir: str | Path, build_fp: str) -> Manifest | None:
     """The existing manifest if it describes exactly this build and its shards are all there."""
-    manifest = read_manifest(out_dir)
-    if not manifest or manifest.get("build_fingerprint") != build_fp:
+    manifest = Manifest.load(out_dir)
+    if manifest is None or manifest.build_fingerprint != build_fp:
         return None
-    files = [s["path"] for s in manifest.get("shards", [])] + manifest.get("rejects", [])
+    files = [s.path for s in manifest.shards] + manifest.rejects
     if all((Path(out_dir) / f).exists() for f in files):
         return manifest
     return None
@@ -83,9 +85,7 @@ def _keep_mask(table: pa.Table, seen: set[str]) -> tuple[list[bool], list[dict]]
             if reason == "uncaptioned"
             else "an earlier row has the same pair_id"
         )
-        rejects.append(
-            {"stage": "write", "reason": reason, "detail": detail, "pair_id": pair_id, **row}
-        )
+        rejects.append(reject_row(STAGE, reason, detail, row, pair_id=pair_id))
     return keep, rejects
 
 
@@ -189,17 +189,18 @@ def write_dataset(
     *,
     shard_rows: int,
     config: dict,
-    stages: dict[str, dict],
-) -> dict:
+    stages: dict[str, StageCounts],
+    build_fp: str | None = None,
+    code_hashes: dict[str, str] | None = None,
+) -> Manifest:
     """Write the final dataset from the last stage's shards (in order) and all stages' rejects.
 
     Returns the manifest. Skips everything when a manifest for the same build is already there.
     """
+    started = time.monotonic()
     out = Path(out_dir)
-    write_cfg = config.get("write", {})
-    build_fp = build_fingerprint(inputs, shard_rows, write_cfg)
+    build_fp = build_fp or build_fingerprint(inputs, shard_rows, config.get("write", {}))
     if (done := finished_manifest(out, build_fp)) is not None:
-        done["reused"] = True
         return done
 
     seen: set[str] = set()
@@ -231,42 +232,88 @@ def write_dataset(
     reject_files, rejects = _write_rejects(out, reject_paths, write_rejects)
     _remove_stale(out, [s["path"] for s in shards] + reject_files)
 
-    reasons = defaultdict(int)
+    reasons: dict[str, int] = defaultdict(int)
     for row in write_rejects:
         reasons[row["reason"]] += 1
-    stages = {
-        **stages,
-        "write": {
-            "rows_in": sum(r.rows for r in inputs),
-            "rows_out": sum(s["rows"] for s in shards),
-            "rejected": len(write_rejects),
-            "rejects_by_reason": dict(sorted(reasons.items())),
-        },
-    }
-    manifest = {
-        "name": config.get("name", "pedsynth"),
-        "schema_version": SCHEMA_VERSION,
-        "code_version": code_version(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "build_fingerprint": build_fp,
-        "config": config,
-        "shards": shards,
-        "rejects": reject_files,
-        "stages": stages,
-        "totals": _totals(shards, out, rejects.num_rows),
-    }
-    if manifest["totals"]["identities_in_several_splits"]:
+    own = StageCounts(
+        shards=len(shards),
+        rows_in=sum(r.rows for r in inputs),
+        rows_out=sum(s["rows"] for s in shards),
+        rejected=len(write_rejects),
+        rejects_by_reason=dict(sorted(reasons.items())),
+    )
+    manifest = Manifest(
+        name=config.get("name", "pedsynth"),
+        schema_version=SCHEMA_VERSION,
+        code_version=code_version(),
+        code_hashes={**(code_hashes or {}), STAGE: code_version(__name__).partition("+")[2]},
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        build_fingerprint=build_fp,
+        config=config,
+        shards=shards,
+        rejects=reject_files,
+        stages={**stages, STAGE: own},
+        totals=_totals(shards, out, rejects.num_rows),
+    )
+    if manifest.totals.identities_in_several_splits:
         log.warning(
             "%d identities appear in more than one split",
-            manifest["totals"]["identities_in_several_splits"],
+            manifest.totals.identities_in_several_splits,
         )
+    own.seconds = round(time.monotonic() - started, 3)  # the card's drawing excluded
     _write_card(out, manifest)
-    atomic_write_bytes(json.dumps(manifest, indent=2).encode("utf-8"), out / MANIFEST)
-    manifest["reused"] = False
+    manifest.save(out)  # last: the commit marker of the build
     return manifest
 
 
-def _write_card(out: Path, manifest: dict) -> None:
+def _write_card(out: Path, manifest: Manifest) -> None:
     from pedsynth.tasks.card import write_dataset_card
 
-    write_dataset_card(out, manifest)
+    write_dataset_card(out, manifest.model_dump(mode="json"))
+
+
+class WriteStage:
+    """The dataset stage that turns the last stage's shards into the published dataset."""
+
+    name = STAGE
+
+    def __init__(self, config: WriteConfig, seed: int = 0):
+        self.config = config
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        return {"write": self.config.model_dump(mode="json"), "schema": SCHEMA_VERSION}
+
+    def run(self, shards: list[ShardResult], context: Any) -> list[ShardResult]:
+        """Final shards as results: one per file; the first carries the write rejects."""
+        out = Path(context.out_dir)
+        build_fp = fingerprint(stage=context.fingerprint, shard_rows=context.shard_rows)
+        reused = finished_manifest(out, build_fp) is not None
+        manifest = write_dataset(
+            out,
+            shards,
+            list(context.reject_paths),
+            shard_rows=context.shard_rows,
+            config=context.config,
+            stages=context.stages,
+            build_fp=build_fp,
+            code_hashes=context.code_hashes,
+        )
+        own = manifest.stages[STAGE]
+        return [
+            ShardResult(
+                stage=STAGE,
+                key=Path(entry.path).stem,
+                fingerprint=build_fp,
+                path=str(out / entry.path),
+                rejects_path="",
+                rows=entry.rows,
+                rejected=own.rejected if i == 0 else 0,
+                reused=reused,
+                rejects_by_reason=own.rejects_by_reason if i == 0 else {},
+            )
+            for i, entry in enumerate(manifest.shards)
+        ]
+
+
+def build_stage(config: WriteConfig, seed: int = 0) -> WriteStage:
+    return WriteStage(config, seed)

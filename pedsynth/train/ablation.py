@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pedsynth.engines.clip_tokens import clip_token_strings
 from pedsynth.schemas.config import ConfigError, IngestConfig, SourceConfig
 from pedsynth.schemas.train import TrainConfig, load_train_config
 
@@ -69,7 +70,7 @@ def word_noise(caption: str, flags: list[bool], tokenizer: Any) -> tuple[list[st
         noise += [1.0 if flag else 0.0] * len(word_ids)
     if ids != tokenizer.encode(caption):
         return [], []
-    return [tokenizer.decoder[i] for i in ids], noise
+    return clip_token_strings(tokenizer, ids), noise
 
 
 def build_noisy_dataset(benchmark: str | Path, out: str | Path, corrupt: float, seed: int) -> Path:

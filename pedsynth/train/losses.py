@@ -3,13 +3,18 @@
 - :func:`sdm_loss` — IRRA's similarity distribution matching.
 - :func:`id_loss` — identity classification on both modalities with one shared classifier.
 - :func:`cm_moco_loss` and :class:`MomentumQueues` — TextReID's cross-modal momentum contrast.
+- :func:`weighted_losses` — the losses a config turns on, weighted, for one batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pedsynth.schemas.train import LossConfig
 
 
 def sdm_loss(
@@ -132,3 +137,39 @@ def momentum_update(online: nn.Module, momentum: nn.Module, m: float = 0.999) ->
     """θ_momentum ← m·θ_momentum + (1 − m)·θ_online, parameter by parameter."""
     for p_online, p_momentum in zip(online.parameters(), momentum.parameters(), strict=True):
         p_momentum.mul_(m).add_(p_online.detach(), alpha=1 - m)
+
+
+def weighted_losses(
+    cfg: LossConfig,
+    classifier: Callable[[torch.Tensor], torch.Tensor],
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    labels: torch.Tensor,
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+    queues: MomentumQueues | None = None,
+) -> dict[str, torch.Tensor]:
+    """The enabled losses of one batch, each already weighted. ``classifier`` is the shared
+    identity head; ``keys`` are the momentum encoder's (image, text) features of the same
+    batch, used by CM-MoCo with ``queues`` (enqueued by the caller after backward)."""
+    image_feats, text_feats = image_feats.float(), text_feats.float()
+    parts: dict[str, torch.Tensor] = {}
+    if cfg.sdm:
+        parts["sdm"] = sdm_loss(image_feats, text_feats, labels, tau=cfg.sdm_tau)
+    if cfg.id:
+        parts["id"] = cfg.id_weight * id_loss(
+            classifier(image_feats), classifier(text_feats), labels
+        )
+    if keys is not None and queues is not None:
+        image_queue, text_queue, queue_ids = queues.current()
+        parts["cm_moco"] = cfg.moco_weight * cm_moco_loss(
+            image_feats,
+            text_feats,
+            keys[0].float(),
+            keys[1].float(),
+            image_queue,
+            text_queue,
+            queue_ids,
+            labels,
+            tau=cfg.moco_tau,
+        )
+    return parts

@@ -16,20 +16,17 @@ from pedsynth.schemas.train import ModelConfig
 
 
 def create_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """Build the open_clip model and its tokenizer from a config; nothing else is downloaded
-    than what ``cfg.pretrained`` names (a tag needs the hub; a local file does not)."""
-    import open_clip
+    """Build the open_clip model and its tokenizer from a config, by the one weights rule of
+    :mod:`pedsynth.engines.clip_weights` (a tag, a hub id, a local ``.safetensors`` file or a
+    train-retriever checkpoint; null for a random init; never a pickle)."""
+    from pedsynth.engines.clip_weights import create_clip_model, load_clip_tokenizer
 
-    from pedsynth.engines.tiny_clip import register_tiny_clips
-
-    register_tiny_clips()
-    kwargs: dict[str, Any] = {"device": device, "weights_only": True}
-    if cfg.image_size is not None:
-        kwargs["force_image_size"] = tuple(cfg.image_size)
-    pretrained = cfg.pretrained if cfg.pretrained not in (None, "", "random") else None
-    model = open_clip.create_model(cfg.name, pretrained=pretrained, **kwargs)
-    tokenizer = open_clip.get_tokenizer(cfg.name, context_length=cfg.context_length)
-    return model, tokenizer
+    # seed=None: a random init follows the global RNG, which the trainer seeds.
+    model, tokenizer_name = create_clip_model(
+        cfg.name, cfg.pretrained, image_size=cfg.image_size, seed=None
+    )
+    tokenizer = load_clip_tokenizer(tokenizer_name, context_length=cfg.context_length)
+    return model.to(device), tokenizer
 
 
 def image_size_of(clip: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,125 @@
+"""The manifest of a build (``OUT/manifest.json``) and the per-stage counts inside it.
+
+One typed model, written by the write stage and read by the card, ``pedsynth inspect`` and the
+Prefect artifacts alike, so a count means the same thing everywhere. Unknown keys in a file
+are ignored on reading, so a manifest written by a newer pedsynth still loads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+MANIFEST_FILE = "manifest.json"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StageCounts(_Record):
+    """What one stage did in one build.
+
+    ``rows_in``: rows handed to the stage (for ingest, the image records of the annotations
+    or the rows of input shards); ``rows_out``: rows it passed on; ``rejected``: reject rows it
+    wrote (regenerated drafts included, by reason in ``rejects_by_reason``); ``reused``: shards
+    whose output a previous run had already committed; ``seconds``: wall time of the stage.
+    """
+
+    shards: int = 0
+    reused: int = 0
+    rows_in: int = 0
+    rows_out: int = 0
+    rejected: int = 0
+    rejects_by_reason: dict[str, int] = Field(default_factory=dict)
+    seconds: float = 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def rows_per_s(self) -> float | None:
+        """Input rows per second of wall time; None when nothing was computed."""
+        if self.seconds <= 0 or self.reused == self.shards:
+            return None
+        return round(self.rows_in / self.seconds, 1)
+
+    @classmethod
+    def of(
+        cls,
+        results: Iterable[Any],
+        *,
+        rows_in: int,
+        seconds: float,
+        upstream: Iterable[Any] = (),
+    ) -> StageCounts:
+        """Counts from a stage's ``ShardResult``s; ``upstream`` adds rejects found before its
+        shards existed (a source's catalogue)."""
+        results, upstream = list(results), list(upstream)
+        reasons: dict[str, int] = {}
+        for r in [*results, *upstream]:
+            for reason, n in r.rejects_by_reason.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        return cls(
+            shards=len(results),
+            reused=sum(r.reused for r in results),
+            rows_in=rows_in,
+            rows_out=sum(r.rows for r in results),
+            rejected=sum(r.rejected for r in [*results, *upstream]),
+            rejects_by_reason=dict(sorted(reasons.items())),
+            seconds=round(seconds, 3),
+        )
+
+
+class ShardEntry(_Record):
+    """One final Parquet file, relative to the output folder."""
+
+    path: str
+    split: str
+    rows: int
+    sha256: str
+
+
+class SplitTotals(_Record):
+    pairs: int
+    images: int
+    identities: int
+
+
+class Totals(_Record):
+    pairs: int
+    images: int
+    identities: int
+    rejects: int
+    by_split: dict[str, SplitTotals]
+    identities_in_several_splits: int = 0
+
+
+class Manifest(_Record):
+    name: str
+    schema_version: str
+    code_version: str
+    code_hashes: dict[str, str] = Field(default_factory=dict)  # stage -> hash of its code
+    created: str
+    build_fingerprint: str
+    config: dict[str, Any]
+    shards: list[ShardEntry]
+    rejects: list[str]
+    stages: dict[str, StageCounts]
+    totals: Totals
+
+    def save(self, out_dir: str | Path) -> None:
+        from pedsynth.atomic import atomic_write_bytes
+
+        data = json.dumps(self.model_dump(mode="json"), indent=2).encode("utf-8")
+        atomic_write_bytes(data, Path(out_dir) / MANIFEST_FILE)
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> Manifest | None:
+        """The manifest of a finished build, or None when there is none."""
+        path = Path(out_dir) / MANIFEST_FILE
+        if not path.exists():
+            return None
+        return cls.model_validate_json(path.read_bytes())
