@@ -11,6 +11,7 @@ from pathlib import Path
 from pedsynth import errors
 from pedsynth.errors import PreflightError
 from pedsynth.preflight import check_build
+from pedsynth.redact import install_log_redaction
 from pedsynth.schemas.config import SOURCE_FORMATS, load_config
 from pedsynth.schemas.manifest import Manifest
 
@@ -74,6 +75,12 @@ def summarize(manifest: Manifest, *, reused: bool = False) -> str:
             f"{f'{c.reused}/{c.shards}':>9} {c.seconds:>8.1f}s"
             + (f"  ({reasons})" if reasons else "")
         )
+    for stage, c in manifest.stages.items():
+        if c.failed:
+            lines.append(
+                f"warning: {stage}: {c.failed} of {c.requests} requests failed "
+                f"({c.failure_rate:.1%}); run the build again to send them again"
+            )
     if t.identities_in_several_splits:
         lines.append(
             f"warning: {t.identities_in_several_splits} identities are in more than one split"
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     # takes longer than Prefect's default wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = build_parser().parse_args(argv)
+    install_log_redaction()
     try:
         return args.func(args)
     except BrokenPipeError:  # e.g. `pedsynth inspect OUT | head`: the reader left, fine

@@ -16,6 +16,8 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
+from pedsynth.redact import redact
+
 LOG_DIR = "_logs"
 
 _log_file: Path | None = None
@@ -28,6 +30,7 @@ _USER_ERRORS = (
     "ClipLoadError",
     "DeviceError",
     "DataError",
+    "FailureBudgetExceeded",
 )
 _OS_HINTS = {
     errno.ENOSPC: "no space left on the device; free some space or choose another --out",
@@ -43,6 +46,14 @@ _OS_HINTS = {
 
 class PreflightError(RuntimeError):
     """Something the command can tell is wrong before it starts (a path, the disk)."""
+
+
+class FailureBudgetExceeded(RuntimeError):
+    """A model stage failed more of its requests than ``max_failure_rate`` allows."""
+
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE_BUDGET = 3
 
 
 def start_log_file(out: str | Path, command: str, *, debug: bool = False) -> Path:
@@ -109,10 +120,12 @@ def report(exc: BaseException) -> int:
             log = Path(tempfile.gettempdir()) / f"pedsynth-{datetime.now():%Y%m%dT%H%M%S}.log"
         try:
             with open(log, "a", encoding="utf-8") as fh:
-                fh.write("".join(traceback.format_exception(exc)))
+                fh.write(redact("".join(traceback.format_exception(exc))))
         except OSError:
             log = None
-    print(f"error: {describe(exc)}", file=sys.stderr)
+    print(f"error: {redact(describe(exc))}", file=sys.stderr)
     if log is not None and not is_user_error(exc):
         print(f"  (traceback in {log}; rerun with --debug to see it here)", file=sys.stderr)
-    return 2 if is_user_error(exc) else 1
+    if type(exc).__name__ == FailureBudgetExceeded.__name__:
+        return EXIT_FAILURE_BUDGET
+    return EXIT_USER_ERROR if is_user_error(exc) else 1

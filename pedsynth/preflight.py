@@ -76,4 +76,7 @@ def check_build(cfg: BuildConfig) -> None:
             raise PreflightError(str(exc)) from None
         except PermissionError as exc:
             raise PreflightError(f"source {source.label!r}: {exc}") from None
+    from pedsynth.engines.preflight import check_build_engines
+
+    check_build_engines(cfg)
     check_output(cfg.out)

@@ -5,8 +5,10 @@ client sees real model output over real HTTP. Image parts (base64 data URLs) are
 checked, then the text model answers the text part. Faults are planned per arrival number
 (1-based, over all requests the server receives) or per request id (``X-Request-Id``), and a
 ``capacity`` mode answers 429 while too many requests are in flight, as a rate-limited server
-does. Every request is recorded (arrival, request id, attempt, in-flight count, outcome, reply)
-so tests can check that nothing was lost or duplicated and watch concurrency over time.
+does. ``echo_authorization`` makes it a proxy that refuses every request with a 401 whose
+error body repeats the request's ``Authorization`` header, as some do. Every request is
+recorded (arrival, request id, attempt, in-flight count, outcome, reply) so tests can check
+that nothing was lost or duplicated and watch concurrency over time.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class FakeOpenAIServer:
         retry_after_s: float = 0.1,
         hang_s: float = 2.0,
         api_key: str | None = None,
+        echo_authorization: bool = False,
     ):
         self.model = model
         self.faults_by_arrival = dict(faults_by_arrival or {})
@@ -92,6 +95,7 @@ class FakeOpenAIServer:
         self.capacity, self.capacity_until = capacity, capacity_until
         self.latency_s, self.retry_after_s, self.hang_s = latency_s, retry_after_s, hang_s
         self.api_key = api_key
+        self.echo_authorization = echo_authorization
         self.records: list[Record] = []
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -161,6 +165,13 @@ class FakeOpenAIServer:
     def _respond(self, h: BaseHTTPRequestHandler, record: Record, raw: bytes) -> None:
         if h.path.rstrip("/") != "/v1/chat/completions":
             return self._send(h, 404, {"error": {"message": f"no route {h.path}"}})
+        if self.echo_authorization:
+            record.outcome = "unauthorized"
+            message = (
+                f"invalid credentials in header 'Authorization: {record.authorization}'; "
+                f"received headers: {dict(h.headers)}"
+            )
+            return self._send(h, 401, {"error": {"message": message, "type": "auth_error"}})
         if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
             record.outcome = "unauthorized"
             return self._send(h, 401, {"error": {"message": "bad api key"}})

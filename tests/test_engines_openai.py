@@ -260,3 +260,52 @@ def test_adaptive_limit_halves_once_per_overload_and_grows_back():
         return seen
 
     assert asyncio.run(scenario()) == [8, 4, 2, 3]
+
+
+def test_a_401_that_echoes_the_key_leaves_it_out_of_results_and_logs(
+    tiny_chat, monkeypatch, caplog
+):
+    import json
+    import logging
+    import urllib.error
+    import urllib.request
+
+    secret = "sk-live-Echo0123456789abcdefXYZ"
+    monkeypatch.setenv("PEDSYNTH_ECHO_KEY", secret)
+    with running(tiny_chat, echo_authorization=True) as (server, url):
+        gen = engine(url, api_key_env="PEDSYNTH_ECHO_KEY", retries=1)
+        with caplog.at_level(logging.DEBUG):
+            results = gen.generate([ChatRequest(f"e{i}", "hello") for i in range(3)])
+            # What the proxy sends back, copied raw into a log line as any caller might.
+            call = urllib.request.Request(
+                f"{url}/chat/completions", data=b"{}", headers={"Authorization": f"Bearer {secret}"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(call, timeout=5)
+            raw = refused.value.read().decode()
+            logging.getLogger("pedsynth.tests.echo").warning("proxy said %s", raw)
+    # The key went out and came back in every body: redaction is what keeps it from the output.
+    assert all(r.authorization == f"Bearer {secret}" for r in server.records)
+    assert secret in json.loads(raw)["error"]["message"]
+    for result in results:
+        assert result.error.startswith("http_error: HTTP 401: ")
+        assert "invalid credentials in header 'Authorization: [redacted]'" in result.error
+        assert secret not in result.error and "[redacted]" in result.error
+    assert len(server.records) == 4  # a 401 is final: one attempt per request, plus ours
+    lines = [r.getMessage() for r in caplog.records] + caplog.text.splitlines()
+    assert any("3 of 3 requests failed" in line and "HTTP 401" in line for line in lines)
+    assert any(line.startswith("proxy said {") for line in lines)
+    assert not [line for line in lines if secret in line]
+
+
+def test_a_loopback_server_without_a_named_key_gets_none_or_openai_api_key(tiny_chat, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with running(tiny_chat) as (server, url):
+        cfg = EngineConfig(backend="openai", model="tiny", max_tokens=4, openai={"base_url": url})
+        assert OpenAIGenerator(cfg, kind="text").generate([ChatRequest("a", "hi")])[0].ok
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-local-0123456789")
+        assert OpenAIGenerator(cfg, kind="text").generate([ChatRequest("b", "hi")])[0].ok
+    assert [r.authorization for r in server.records] == [
+        "Bearer none",
+        "Bearer sk-local-0123456789",
+    ]

@@ -164,3 +164,32 @@ def test_a_batch_check_must_answer_every_draft():
             checks=[BatchCheck(lambda drafts, texts: list(texts)[:1])],
             describe=_describe,
         )
+
+
+class Refusing(Scripted):
+    """An engine that refuses some requests for what they are (the prompt is too long)."""
+
+    def generate(self, requests):
+        self.rounds.append(list(requests))
+        return [
+            GenerationResult(r.request_id, None, error="prompt_too_long: 900 tokens > 512")
+            if r.request_id == "long"
+            else GenerationResult(r.request_id, None, error="server_error: HTTP 500")
+            for r in requests
+        ]
+
+
+def test_a_request_the_engine_cannot_serve_is_a_final_reject_not_a_failure():
+    engine = Refusing({})
+    done = regenerate(
+        _slots("long", "unlucky"),
+        engine,
+        stage="st",
+        seed=0,
+        max_retries=3,
+        checks=[_no_x],
+        describe=_describe,
+    )
+    assert len(engine.rounds) == 1  # neither is asked again in this run
+    by_slot = {r["pair_id"]: r["reason"] for r in done.rejects}
+    assert by_slot == {"long": "prompt_too_long", "unlucky": "generation_failed"}

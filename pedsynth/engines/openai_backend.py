@@ -16,14 +16,17 @@ count, the ``X-Attempt`` header, and the 429 that halves the limit). A request s
 becomes a result with ``error`` ("reason: detail"), never an exception, so the stage writes
 it as a reject row.
 
-Images travel as base64 data URLs. The API key is read from the environment variable named by
-``openai.api_key_env`` when the engine is built; it is kept only inside the client, never put in
-a result, a log line or the config.
+Images travel as base64 data URLs. The API key is read when the engine is built, from the
+variable :meth:`OpenAIOptions.key_rule` names (the same rule the preflight applies: a loopback
+endpoint needs none unless one is named); it is kept only inside the client and registered with
+:mod:`pedsynth.redact`, so server text copied into a result (a 401 that echoes the
+``Authorization`` header) and log lines never carry it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import random
@@ -45,10 +48,14 @@ from pedsynth.engines.text import (
     failure,
     openai_messages,
 )
-from pedsynth.schemas.text import EngineConfig, OpenAIOptions
+from pedsynth.redact import install_log_redaction, redact, register_secret
+from pedsynth.schemas.text import NO_API_KEY, EngineConfig, OpenAIOptions
 
 REQUEST_ID_HEADER = "X-Request-Id"
 ATTEMPT_HEADER = "X-Attempt"
+DETAIL_CHARS = 200  # of server text kept in a result's error, after redaction
+
+log = logging.getLogger(__name__)
 
 
 class AdaptiveLimit:
@@ -204,17 +211,16 @@ class OpenAIGenerator(GeneratorBase):
 
     def __init__(self, config: EngineConfig, kind: Kind):
         super().__init__(config, kind)
-        opts = config.openai
-        if opts.api_key_env is None:
-            self._api_key = "none"  # a server without auth; the client insists on a value
-        else:
-            key = os.environ.get(opts.api_key_env)
-            if not key:
-                raise EngineError(
-                    f"{config.generator_id}: set the environment variable {opts.api_key_env} "
-                    "to the API key, or set openai.api_key_env: null for a server without auth"
-                )
-            self._api_key = key
+        install_log_redaction()
+        variable, required = config.openai.key_rule()
+        key = os.environ.get(variable) if variable else None
+        if not key and required:
+            raise EngineError(
+                f"{config.generator_id}: set the environment variable {variable} to the API "
+                f"key, or set openai.api_key_env: {NO_API_KEY} for a server without auth"
+            )
+        register_secret(key)
+        self._api_key = key or "none"  # a server without auth; the client insists on a value
         self.last_stats = RunStats()
 
     def __repr__(self) -> str:  # never show the key
@@ -230,7 +236,7 @@ class OpenAIGenerator(GeneratorBase):
             "top_p": cfg.top_p,
             "max_tokens": cfg.max_tokens,
         }
-        if request.seed is not None:
+        if cfg.seed_per_request and request.seed is not None:
             body["seed"] = request.seed
         if request.json_schema is not None:
             body["response_format"] = {
@@ -274,6 +280,15 @@ class OpenAIGenerator(GeneratorBase):
             limit_history=limit.history,
             peak_in_flight=limit.peak_in_flight,
         )
+        failed = [r for r in results if not r.ok]
+        if failed:
+            log.warning(
+                "%s: %d of %d requests failed (first: %s)",
+                self.generator_id,
+                len(failed),
+                len(results),
+                failed[0].error,
+            )
         return list(results)
 
     async def _one(
@@ -297,7 +312,7 @@ class OpenAIGenerator(GeneratorBase):
                     detail = (
                         f"{exc.detail} (after {used} attempts)" if exc.retryable else exc.detail
                     )
-                    return failure(request, exc.reason, detail)
+                    return failure(request, exc.reason, redact(detail))
                 ok = True
                 return GenerationResult(request.request_id, result[0], finish_reason=result[1])
         finally:
@@ -315,16 +330,17 @@ class OpenAIGenerator(GeneratorBase):
             code = exc.status_code
             if code >= 500 or code in (408, 409):
                 raise _Failed("server_error", f"HTTP {code}") from None
-            detail = f"HTTP {code}: {str(exc.message)[:200]}"
+            detail = f"HTTP {code}: {redact(str(exc.message))[:DETAIL_CHARS]}"
             raise _Failed("http_error", detail, retryable=False) from None
         except openai.APITimeoutError:
             raise _Failed("timeout", f"no reply in {self.config.openai.timeout_s} s") from None
         except openai.APIConnectionError as exc:
             raise _Failed("connection_error", type(exc).__name__) from None
         except openai.APIResponseValidationError as exc:
-            raise _Failed("malformed_response", str(exc)[:200], ours=True) from None
+            detail = redact(str(exc))[:DETAIL_CHARS]
+            raise _Failed("malformed_response", detail, ours=True) from None
         except ValueError as exc:  # a body that is not JSON
-            detail = f"{type(exc).__name__}: {exc}"[:200]
+            detail = redact(f"{type(exc).__name__}: {exc}")[:DETAIL_CHARS]
             raise _Failed("malformed_response", detail, ours=True) from None
         choices = getattr(response, "choices", None)
         if not choices or choices[0].message is None or choices[0].message.content is None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from pedsynth.engines.cache import cache_key, cached, clear
+from pedsynth.redact import redact
 from pedsynth.schemas.text import EngineConfig
 
 Kind = Literal["text", "vision"]
@@ -131,7 +132,8 @@ def check_unique_ids(requests: Sequence[ChatRequest]) -> None:
 
 
 def failure(request: ChatRequest, reason: str, detail: str) -> GenerationResult:
-    return GenerationResult(request.request_id, None, error=f"{reason}: {detail}")
+    """A failed result; the detail is redacted, as server text may echo a credential."""
+    return GenerationResult(request.request_id, None, error=f"{reason}: {redact(detail)}")
 
 
 # Formats a data URL can name (``image_mime``); PIL calls multi-picture JPEGs "MPO".

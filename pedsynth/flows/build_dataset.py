@@ -9,8 +9,10 @@ config's (``runner``). Task runs are named ``<stage>-<shard>`` so the run graph 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -22,12 +24,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from pydantic import BaseModel
 
+from pedsynth.errors import FailureBudgetExceeded
+from pedsynth.redact import install_log_redaction
 from pedsynth.runners import task_runner
 from pedsynth.schemas.config import BuildConfig, SourceConfig, load_config
 from pedsynth.schemas.manifest import Manifest, StageCounts
 from pedsynth.tasks import sources as source_tasks
 from pedsynth.tasks import stages as registry
-from pedsynth.tasks.shards import ShardResult
+from pedsynth.tasks.shards import FAILURE_REASONS, MAX_ATTEMPTS, ShardResult
 
 # Resume is by output fingerprint (tasks/shards.py), which survives a lost Prefect database;
 # Prefect's own result cache is therefore off for these tasks.
@@ -105,6 +109,7 @@ def build_dataset(
     ``sources`` takes ``FORMAT:PATH`` strings and replaces the config's sources; ``overrides``
     takes ``key.sub=value`` strings applied on top of the config file.
     """
+    install_log_redaction()  # a worker process may never pass through the CLI
     logger = get_run_logger()
     cfg: BuildConfig = load_config(config, sources=sources, out=out, overrides=overrides)
     if not cfg.sources:
@@ -188,6 +193,7 @@ def build_dataset(
                     upstream=catalogs if stage.name == "ingest" else (),
                 )
                 reject_paths += [s.rejects_path for s in shards if s.rejects_path]
+                check_failure_budget(stage.name, counts[stage.name], shards, cfg.max_failure_rate)
         finally:
             progress.close()
 
@@ -199,6 +205,37 @@ def build_dataset(
         manifest = manifest.model_copy(update={"stages": counts})
     _publish(manifest, reused)
     return {**manifest.model_dump(mode="json"), "reused": reused}
+
+
+def failure_summary(shards: list[ShardResult], top: int = 3) -> str:
+    """The most common causes of a stage's failures, from the reason each detail starts with."""
+    causes: Counter[str] = Counter()
+    for s in shards:
+        if s.failed:
+            rows = pq.read_table(s.rejects_path, columns=["reason", "detail"]).to_pylist()
+            for row in rows:
+                if row["reason"] in FAILURE_REASONS:
+                    causes[(row["detail"] or row["reason"]).split(":", 1)[0].strip()] += 1
+    return ", ".join(f"{cause} ×{n}" for cause, n in causes.most_common(top))
+
+
+def check_failure_budget(
+    name: str, counts: StageCounts, shards: list[ShardResult], budget: float
+) -> None:
+    """Fail the build when a stage failed more of its requests than ``budget``; warn below."""
+    if not counts.failed:
+        return
+    share = counts.failure_rate or 0.0
+    message = (
+        f"{name}: {counts.failed} of {counts.requests} requests failed ({share:.1%}; "
+        f"max_failure_rate {budget:.1%}): {failure_summary(shards)}"
+    )
+    if share > budget:
+        raise FailureBudgetExceeded(
+            f"{message}. Fix the engine and run the same command again: shards with failures "
+            f"are sent again (up to {MAX_ATTEMPTS} runs), finished ones are kept."
+        )
+    get_run_logger().warning("%s; the next run sends the failed requests again", message)
 
 
 def _publish(manifest: Manifest, reused: bool) -> None:
@@ -217,6 +254,12 @@ def _publish(manifest: Manifest, reused: bool) -> None:
         description=f"per-stage counts of {manifest.name}",
     )
     totals = manifest.totals
+    failures = "".join(
+        f"\n\n**warning**: {name}: {c.failed} of {c.requests} requests failed "
+        f"({c.failure_rate:.1%}); the next run sends them again"
+        for name, c in manifest.stages.items()
+        if c.failed
+    )
     split_rows = "\n".join(
         f"| {s} | {v.pairs} | {v.images} | {v.identities} |" for s, v in totals.by_split.items()
     )
@@ -225,7 +268,7 @@ def _publish(manifest: Manifest, reused: bool) -> None:
         markdown=(
             f"# {manifest.name}\n\n{totals.pairs} pairs, {totals.images} images, "
             f"{totals.identities} identities, {totals.rejects} rejects"
-            f"{' (reused: nothing to do)' if reused else ''}\n\n"
+            f"{' (reused: nothing to do)' if reused else ''}{failures}\n\n"
             "| split | pairs | images | identities |\n|---|---|---|---|\n" + split_rows
         ),
     )

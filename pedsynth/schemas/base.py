@@ -37,3 +37,46 @@ class StrictModel(BaseModel):
             if numeric and not _accepts(annotation, bool):
                 raise ValueError(f"expected a number, got {str(value).lower()}")
         return value
+
+
+# Settings that change how a result is fetched, not what it is: they stay out of resume
+# fingerprints, so pointing a build at another server, or tuning concurrency, timeouts,
+# devices or batch sizes, reuses everything already computed.
+TRANSPORT_FIELDS = frozenset(
+    {
+        "base_url",
+        "api_key_env",
+        "max_concurrency",
+        "initial_concurrency",
+        "timeout_s",
+        "retries",
+        "backoff_s",
+        "max_backoff_s",
+        "device",
+        "cpu_threads",
+        "gpu_memory_utilization",
+        "batch_size",
+    }
+)
+
+
+def shaping_dump(model: BaseModel) -> dict[str, Any]:
+    """``model`` as JSON without its transport settings (:data:`TRANSPORT_FIELDS`), at any depth.
+
+    One exception: a ``transformers`` engine seeds each batch from its requests, so its
+    ``batch_size`` shapes the sampled text and stays.
+    """
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            keep_batch = value.get("backend") == "transformers"
+            return {
+                k: strip(v)
+                for k, v in value.items()
+                if k not in TRANSPORT_FIELDS or (k == "batch_size" and keep_batch)
+            }
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(model.model_dump(mode="json"))

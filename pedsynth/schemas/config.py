@@ -93,6 +93,9 @@ class BuildConfig(StrictModel):
     runner: Literal["thread"] = "thread"
     workers: Annotated[int, Field(ge=1, le=256)] = 4
     seed: int = 0
+    # A model stage whose share of failed requests (engine or transport failures, not quality
+    # rejects) exceeds this fails the build; below it, the build warns.
+    max_failure_rate: float = Field(0.05, ge=0, le=1)
     ingest: IngestConfig = IngestConfig()
     caption: CaptionConfig | None = None
     rewrite: RewriteConfig | None = None

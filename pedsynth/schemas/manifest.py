@@ -37,6 +37,16 @@ class StageCounts(_Record):
     rejected: int = 0
     rejects_by_reason: dict[str, int] = Field(default_factory=dict)
     seconds: float = 0.0
+    requests: int = 0  # model requests (slots) of the stage's shards
+    failed: int = 0  # of those, failures (the engine could not answer), not quality rejects
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def failure_rate(self) -> float | None:
+        """Failed requests over requests; None for a stage that asked no model."""
+        if not self.requests and not self.failed:
+            return None
+        return round(self.failed / max(self.requests, self.failed), 4)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -70,6 +80,8 @@ class StageCounts(_Record):
             rejected=sum(r.rejected for r in [*results, *upstream]),
             rejects_by_reason=dict(sorted(reasons.items())),
             seconds=round(seconds, 3),
+            requests=sum(getattr(r, "requests", 0) for r in results),
+            failed=sum(getattr(r, "failed", 0) for r in results),
         )
 
 

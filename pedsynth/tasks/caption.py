@@ -29,9 +29,11 @@ import pyarrow.compute as pc
 
 from pedsynth.engines.text import ChatRequest, derive_seed, get_generator
 from pedsynth.prompts import content_hash, load_prompt, load_templates
+from pedsynth.schemas.base import shaping_dump
 from pedsynth.schemas.tables import PAIRS_SCHEMA, pairs_table, rejects_table, stable_id
 from pedsynth.schemas.text import CaptionConfig
 from pedsynth.tasks.regenerate import Draft, Slot, regenerate
+from pedsynth.tasks.shards import with_requests
 from pedsynth.tasks.text_checks import generated_text_check
 
 _PLACEHOLDER_SUFFIX = re.compile(r"/caption\d+$")
@@ -67,7 +69,7 @@ class CaptionStage:
 
     def fingerprint_parts(self) -> dict[str, Any]:
         return {
-            "config": self.config.model_dump(mode="json"),
+            "config": shaping_dump(self.config),
             "generator": self.config.engine.generator_id,
             "prompts": {"static": self.static.hash, "template": self.guided.hash},
             "templates": self.bank.hash,
@@ -128,7 +130,8 @@ class CaptionStage:
             self._row(kept.draft.payload, kept.text, generator.generator_id, kept.draft.seed)
             for kept in done.kept
         ]
-        return self._output(table, new_rows), rejects_table(done.rejects)
+        output = with_requests(self._output(table, new_rows), len(slots))
+        return output, rejects_table(done.rejects)
 
     @staticmethod
     def _slot(job: _Job) -> Slot[_Job]:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pedsynth.engines.embedder import get_embedder
+from pedsynth.schemas.base import shaping_dump
 from pedsynth.schemas.tables import PAIRS_SCHEMA, REJECT_ROW_FIELDS, reject_row, rejects_table
 from pedsynth.schemas.text import FaithfulnessConfig
 
@@ -32,7 +33,7 @@ class FaithfulnessStage:
         self.config, self.seed = config, seed
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        return {"config": self.config.model_dump(mode="json")}
+        return {"config": shaping_dump(self.config)}
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table

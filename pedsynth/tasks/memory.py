@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pedsynth.atomic import atomic_write_bytes
+from pedsynth.schemas.base import shaping_dump
 from pedsynth.schemas.tables import (
     PAIRS_SCHEMA,
     REJECT_ROW_FIELDS,
@@ -141,7 +142,7 @@ class MemoryStage:
         from pedsynth.engines.clip import weights_identity
 
         return {
-            "config": self.cfg.model_dump(mode="json"),
+            "config": shaping_dump(self.cfg),
             "weights": weights_identity(self.cfg.clip),
             "seed": self.seed,
         }

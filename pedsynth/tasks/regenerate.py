@@ -25,6 +25,18 @@ from pedsynth.schemas.tables import reject_row
 P = TypeVar("P")
 
 GENERATION_FAILED = "generation_failed"
+# Engine answers that say the request itself cannot be served (asking again cannot help): the
+# slot is rejected with that reason, a data decision, not a failure to send again.
+REQUEST_PROBLEMS = frozenset({"prompt_too_long", "bad_image", "bad_request", "unsupported"})
+
+
+def engine_verdict(error: str | None) -> Rejected:
+    """The reject of a request the engine did not answer (``error`` is "reason: detail")."""
+    detail = error or "no text and no error"
+    cause = detail.split(":", 1)[0].strip()
+    return Rejected(cause if cause in REQUEST_PROBLEMS else GENERATION_FAILED, detail)
+
+
 REGENERATED = "regenerated:"
 
 
@@ -138,7 +150,8 @@ def regenerate(
                 continue
             row, note = describe(draft)
             detail = f"{verdict.detail} (try {draft.attempt + 1}, {note})"
-            if verdict.reason != GENERATION_FAILED and draft.attempt < max_retries:
+            engine_said_no = verdict.reason == GENERATION_FAILED or not draft.result.ok
+            if not engine_said_no and draft.attempt < max_retries:
                 reason = REGENERATED + verdict.reason
                 retry.append((draft.slot, draft.attempt + 1))
             else:
@@ -154,10 +167,7 @@ def _judge(
     """Each draft's verdict: an engine failure, the first failed check, or the passing text
     with the last score a check gave it."""
     verdicts: list[Verdict] = [
-        d.result.text
-        if d.result.ok
-        else Rejected(GENERATION_FAILED, d.result.error or "no text and no error")
-        for d in drafts
+        d.result.text if d.result.ok else engine_verdict(d.result.error) for d in drafts
     ]
     scores: list[float | None] = [None] * len(drafts)
     for check in checks:

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from pedsynth.engines.embedder import SentenceEmbedder, get_embedder
 from pedsynth.engines.text import ChatRequest, get_generator
 from pedsynth.prompts import load_prompt
+from pedsynth.schemas.base import shaping_dump
 from pedsynth.schemas.tables import PAIRS_SCHEMA, pairs_table, rejects_table, stable_id
 from pedsynth.schemas.text import RewriteConfig
 from pedsynth.tasks.regenerate import (
@@ -40,6 +41,7 @@ from pedsynth.tasks.regenerate import (
     Verdict,
     regenerate,
 )
+from pedsynth.tasks.shards import with_requests
 from pedsynth.tasks.text_checks import generated_text_check
 
 _PARENT_COLUMNS = [
@@ -105,7 +107,7 @@ class RewriteStage:
 
     def fingerprint_parts(self) -> dict[str, Any]:
         return {
-            "config": self.config.model_dump(mode="json"),
+            "config": shaping_dump(self.config),
             "generator": self.config.engine.generator_id,
             "prompt": self.prompt.hash,
             "seed": self.seed,
@@ -154,7 +156,8 @@ class RewriteStage:
             )
             for kept in done.kept
         ]
-        return pa.concat_tables([table, pairs_table(new_rows)]), rejects_table(done.rejects)
+        output = pa.concat_tables([table, pairs_table(new_rows)])
+        return with_requests(output, len(slots)), rejects_table(done.rejects)
 
     def _row(
         self, job: _Job, caption: str, generator_id: str, seed: int, score: float | None

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pedsynth.schemas.base import shaping_dump
 from pedsynth.schemas.tables import PAIRS_SCHEMA, REJECT_ROW_FIELDS, reject_row, rejects_table
 from pedsynth.schemas.vision import ScoreConfig
 
@@ -42,7 +43,7 @@ class ScoreStage:
         from pedsynth.engines.clip import weights_identity
 
         return {
-            "config": self.cfg.model_dump(mode="json"),
+            "config": shaping_dump(self.cfg),
             "weights": weights_identity(self.cfg.clip),
         }
 

@@ -6,6 +6,13 @@ on (the input's fingerprint, the stage config, model ids, prompt hashes, seed, c
 a rerun finds finished work by name and skips it, and a changed setting simply misses. The rejects
 of a shard are renamed into place *before* its output, so an existing output always has its
 rejects next to it: a killed run loses nothing and, rerun, duplicates nothing.
+
+Rejects and failures are different things. A quality reject (unfaithful, a leaked template) is
+final for its fingerprint; a failure (``FAILURE_REASONS``: the engine could not answer) is an
+accident. A committed shard with failures is computed again by the next run, up to
+``MAX_ATTEMPTS`` runs in all, and until it has none the stages after it see a fingerprint that
+names the attempt, so they recompute too. Each output records, in its Parquet metadata, how many
+requests it sent to a model, how many failed, and which attempt wrote it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,20 @@ from pedsynth.codehash import code_hash
 from pedsynth.schemas.tables import REJECTS_SCHEMA
 
 WORK_DIR = "_work"
+FAILURE_REASONS = frozenset({"generation_failed", "engine_failed"})
+MAX_ATTEMPTS = 3  # runs that may try a shard with failures before its failures are final
+_REQUESTS, _FAILED, _ATTEMPT = b"pedsynth.requests", b"pedsynth.failed", b"pedsynth.attempt"
+
+
+def with_requests(table: pa.Table, requests: int) -> pa.Table:
+    """Mark a stage's output with the number of model requests (slots) it made, so failure
+    shares can be computed per stage."""
+    metadata = {**(table.schema.metadata or {}), _REQUESTS: str(requests).encode()}
+    return table.replace_schema_metadata(metadata)
+
+
+def _meta_int(metadata: dict | None, key: bytes) -> int:
+    return int((metadata or {}).get(key, b"0"))
 
 
 def code_version(*modules: str) -> str:
@@ -71,10 +92,14 @@ class ShardResult:
     rejected: int
     reused: bool = False
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    requests: int = 0  # model requests made (0 for stages without a model)
+    failed: int = 0  # reject rows that are failures, not quality decisions
+    attempt: int = 1  # which run computed this output
 
     def content_fingerprint(self) -> str:
-        """What the next stage's fingerprint chains to (the ``ShardInput`` protocol)."""
-        return self.fingerprint
+        """What the next stage's fingerprint chains to (the ``ShardInput`` protocol): an
+        output with failures names its attempt, so a retried one is new input downstream."""
+        return self.fingerprint if not self.failed else f"{self.fingerprint}~{self.attempt}"
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path, columns=columns)
@@ -98,29 +123,60 @@ def run_shard(
     key: str,
     fp: str,
     compute: Callable[[], tuple[pa.Table, pa.Table]],
+    *,
+    max_attempts: int = MAX_ATTEMPTS,
 ) -> ShardResult:
-    """Return the finished output for (stage, key, fp), computing and committing it if absent."""
+    """Return the finished output for (stage, key, fp), computing and committing it if absent
+    (or if it has failures and fewer than ``max_attempts`` runs have tried it)."""
     path, rejects_path = shard_paths(out_dir, stage, key, fp)
-    reused = path.exists() and rejects_path.exists()
-    if reused:
-        rows = pq.read_metadata(path).num_rows
-        rejects = pq.read_table(rejects_path, columns=["reason"])
-    else:
-        table, rejects = compute()
-        rejects = rejects.cast(REJECTS_SCHEMA) if rejects.schema != REJECTS_SCHEMA else rejects
-        write_parquet_atomic(rejects, rejects_path)
-        write_parquet_atomic(table, path)  # the commit point: its presence means "done"
-        rows = table.num_rows
+    attempt = 1
+    if path.exists() and rejects_path.exists():
+        metadata = pq.read_schema(path).metadata
+        failed, attempt = _meta_int(metadata, _FAILED), max(1, _meta_int(metadata, _ATTEMPT))
+        if not failed or attempt >= max_attempts:
+            rejects = pq.read_table(rejects_path, columns=["reason"])
+            return _result(stage, key, fp, path, rejects_path, rejects, metadata, reused=True)
+        attempt += 1
+    table, rejects = compute()
+    rejects = rejects.cast(REJECTS_SCHEMA) if rejects.schema != REJECTS_SCHEMA else rejects
+    failed = sum(n for r, n in _count_reasons(rejects).items() if r in FAILURE_REASONS)
+    metadata = {
+        **(table.schema.metadata or {}),
+        _REQUESTS: str(_meta_int(table.schema.metadata, _REQUESTS)).encode(),
+        _FAILED: str(failed).encode(),
+        _ATTEMPT: str(attempt).encode(),
+    }
+    table = table.replace_schema_metadata(metadata)
+    write_parquet_atomic(rejects, rejects_path)
+    write_parquet_atomic(table, path)  # the commit point: its presence means "done"
+    return _result(stage, key, fp, path, rejects_path, rejects, metadata, rows=table.num_rows)
+
+
+def _result(
+    stage: str,
+    key: str,
+    fp: str,
+    path: Path,
+    rejects_path: Path,
+    rejects: pa.Table,
+    metadata: dict | None,
+    *,
+    reused: bool = False,
+    rows: int | None = None,
+) -> ShardResult:
     return ShardResult(
         stage,
         key,
         fp,
         str(path),
         str(rejects_path),
-        rows=rows,
+        rows=pq.read_metadata(path).num_rows if rows is None else rows,
         rejected=rejects.num_rows,
         reused=reused,
         rejects_by_reason=_count_reasons(rejects),
+        requests=_meta_int(metadata, _REQUESTS),
+        failed=_meta_int(metadata, _FAILED),
+        attempt=max(1, _meta_int(metadata, _ATTEMPT)),
     )
 
 

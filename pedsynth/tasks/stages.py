@@ -156,6 +156,6 @@ def run_dataset_stage(
 ) -> list[ShardResult]:
     """Every shard through one dataset stage; ``context.fingerprint`` is filled in here."""
     stage = get_stage(name, section, seed)
-    fp = stage_fingerprint(name, stage, [(s.stage, s.key, s.fingerprint) for s in shards])
+    fp = stage_fingerprint(name, stage, [(s.stage, s.key, s.content_fingerprint()) for s in shards])
     context = StageContext(**{**context.__dict__, "fingerprint": fp})
     return stage.run(shards, context)

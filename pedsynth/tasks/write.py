@@ -49,7 +49,7 @@ STAGE = "write"
 def build_fingerprint(inputs: list[ShardResult], shard_rows: int, write_cfg: dict) -> str:
     """What a finished build is recognised by: its inputs, its layout and the write code."""
     return fingerprint(
-        inputs=[(r.stage, r.key, r.fingerprint) for r in inputs],
+        inputs=[(r.stage, r.key, r.content_fingerprint()) for r in inputs],
         shard_rows=shard_rows,
         write=write_cfg,
         schema=SCHEMA_VERSION,
