@@ -76,6 +76,13 @@ def summarize(manifest: Manifest, *, reused: bool = False) -> str:
             + (f"  ({reasons})" if reasons else "")
         )
     for stage, c in manifest.stages.items():
+        if c.prompt_tokens or c.completion_tokens:
+            rate = f", {c.tokens_per_s:,.0f} completion tokens/s" if c.tokens_per_s else ""
+            lines.append(
+                f"  {stage:<12} tokens: {c.prompt_tokens:,} prompt, "
+                f"{c.completion_tokens:,} completion{rate}"
+            )
+    for stage, c in manifest.stages.items():
         if c.failed:
             lines.append(
                 f"warning: {stage}: {c.failed} of {c.requests} requests failed "

@@ -6,8 +6,9 @@ checked, then the text model answers the text part. Faults are planned per arriv
 (1-based, over all requests the server receives) or per request id (``X-Request-Id``), and a
 ``capacity`` mode answers 429 while too many requests are in flight, as a rate-limited server
 does. ``echo_authorization`` makes it a proxy that refuses every request with a 401 whose
-error body repeats the request's ``Authorization`` header, as some do. Every request is
-recorded (arrival, request id, attempt, in-flight count, outcome, reply) so tests can check
+error body repeats the request's ``Authorization`` header, as some do. Replies carry a ``usage``
+block counted with the model's own tokenizer. Every request is
+recorded (arrival, request id, attempt, in-flight count, outcome, reply, usage) so tests can check
 that nothing was lost or duplicated and watch concurrency over time.
 """
 
@@ -34,6 +35,7 @@ class Record:
     in_flight: int  # requests in the server when this one arrived, itself included
     outcome: str = "pending"  # ok | one of FAULTS | throttled | bad_image | unauthorized
     reply: str | None = None
+    usage: dict[str, int] | None = None  # what the reply's ``usage`` said
     had_image: bool = False
     finished: float | None = None
     authorization: str | None = None
@@ -54,6 +56,10 @@ class TinyChatModel:
         self.lock = threading.Lock()
 
     def reply(self, prompt: str, max_tokens: int) -> str:
+        return self.reply_with_usage(prompt, max_tokens)[0]
+
+    def reply_with_usage(self, prompt: str, max_tokens: int) -> tuple[str, int, int]:
+        """The reply, the tokens of the chat-templated prompt and the tokens generated."""
         import torch
 
         with self.lock, torch.inference_mode():
@@ -69,7 +75,9 @@ class TinyChatModel:
                 min_new_tokens=1,
                 do_sample=False,
             )
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        prompt_tokens = enc["input_ids"].shape[1]
+        new = out[0, prompt_tokens:]
+        return self.tokenizer.decode(new, skip_special_tokens=True), prompt_tokens, len(new)
 
 
 class FakeOpenAIServer:
@@ -88,6 +96,7 @@ class FakeOpenAIServer:
         hang_s: float = 2.0,
         api_key: str | None = None,
         echo_authorization: bool = False,
+        send_usage: bool = True,
     ):
         self.model = model
         self.faults_by_arrival = dict(faults_by_arrival or {})
@@ -96,6 +105,7 @@ class FakeOpenAIServer:
         self.latency_s, self.retry_after_s, self.hang_s = latency_s, retry_after_s, hang_s
         self.api_key = api_key
         self.echo_authorization = echo_authorization
+        self.send_usage = send_usage  # off: replies without ``usage``, as some servers send
         self.records: list[Record] = []
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -200,8 +210,15 @@ class FakeOpenAIServer:
         if fault == "empty":
             record.outcome = fault
             return self._send(h, 200, self._completion(request, None, record))
-        text = self.model.reply(prompt, int(request.get("max_tokens") or 16))
+        text, prompt_tokens, completion_tokens = self.model.reply_with_usage(
+            prompt, int(request.get("max_tokens") or 16)
+        )
         record.outcome, record.reply = "ok", text
+        record.usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         return self._send(h, 200, self._completion(request, text, record))
 
     def _prompt(self, request: dict, record: Record) -> tuple[str, str | None]:
@@ -228,8 +245,7 @@ class FakeOpenAIServer:
                 texts.append(part["text"])
         return " ".join(texts), None
 
-    @staticmethod
-    def _completion(request: dict, text: str | None, record: Record) -> dict:
+    def _completion(self, request: dict, text: str | None, record: Record) -> dict:
         choices = (
             []
             if text is None
@@ -241,14 +257,18 @@ class FakeOpenAIServer:
                 }
             ]
         )
-        return {
+        reply = {
             "id": f"chatcmpl-{record.arrival}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": request.get("model", "tiny"),
             "choices": choices,
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            "usage": record.usage
+            or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
+        if not self.send_usage:
+            del reply["usage"]
+        return reply
 
     def _send(self, h: BaseHTTPRequestHandler, code: int, payload: dict, headers=None) -> None:
         self._send_raw(h, code, json.dumps(payload).encode(), "application/json", headers)

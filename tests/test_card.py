@@ -220,11 +220,11 @@ def test_card_loads_with_datasets_and_matches_manifest(tmp_path, offline_hf):
     assert splits["**total**"] == [str(t["pairs"]), str(t["images"]), str(t["identities"])]
     assert "Warning" not in text
 
-    # stage | rows in | rows out | rejected | shards | reused | time | rows/s
+    # stage | rows in | rows out | rejected | shards | reused | time | rows/s | tokens | tokens/s
     stages = {r[0]: r[1:] for r in _table_after(text, "## Pipeline stages")}
     assert stages == {
-        "ingest": ["14", "11", "3", "2", "1", "2.5 s", "4.5"],
-        "write": ["11", "11", "0", "4", "0", "2 min 05 s", "1,234"],
+        "ingest": ["14", "11", "3", "2", "1", "2.5 s", "4.5", "—", "—"],
+        "write": ["11", "11", "0", "4", "0", "2 min 05 s", "1,234", "—", "—"],
     }
     rejects = _table_after(text, "### Rejects by reason")
     assert rejects == [["ingest", "missing_file", "2"], ["ingest", "too_small", "1"]]
@@ -308,8 +308,8 @@ def test_no_val_no_rejects_and_empty_shards(tmp_path, offline_hf):
     assert "validation" not in splits
     assert "Empty splits, not listed for `datasets`: test." in text
     stages = {r[0]: r[1:] for r in _table_after(text, "## Pipeline stages")}
-    assert stages["ingest"] == ["3", "3", "0", "2", "—", "—", "—"]
-    assert stages["caption"] == ["—"] * 7
+    assert stages["ingest"] == ["3", "3", "0", "2", "—", "—", "—", "—", "—"]
+    assert stages["caption"] == ["—"] * 9
     assert "No rejected rows." in text
     stats = {r[0]: r[1] for r in _table_after(text, "## Captions")}
     assert stats == {"original": "2", "edit": "1", "**all**": "3"}
@@ -539,3 +539,30 @@ def test_card_of_a_real_write_shows_counts_that_match_the_files(tmp_path):
         ["ingest", "missing_file", "1"],
         ["write", "uncaptioned", "2"],
     ]
+
+
+def test_stage_table_shows_tokens_and_a_dash_for_stages_without_a_model():
+    from pedsynth.schemas.manifest import StageCounts
+    from pedsynth.tasks.card_markdown import stages_section
+
+    stages = {
+        "ingest": StageCounts(shards=1, rows_in=4, rows_out=8, seconds=1.0),
+        "rewrite": StageCounts(
+            shards=2,
+            rows_in=8,
+            rows_out=20,
+            seconds=4.0,
+            prompt_tokens=12345,
+            completion_tokens=600,
+        ),
+    }
+    dumped = {name: c.model_dump(mode="json") for name, c in stages.items()}
+    text = stages_section(dumped, [], "manifest")
+    cells = {
+        row[0]: dict(zip(STAGE_COLUMNS[1:], row[1:], strict=True))
+        for row in _table_after(text, "## Pipeline stages")
+    }
+    assert cells["rewrite"]["tokens (prompt / completion)"] == "12,345 / 600"
+    assert cells["rewrite"]["tokens/s"] == "150"
+    assert cells["ingest"]["tokens (prompt / completion)"] == "—"
+    assert cells["ingest"]["tokens/s"] == "—"

@@ -309,3 +309,31 @@ def test_a_loopback_server_without_a_named_key_gets_none_or_openai_api_key(tiny_
         "Bearer none",
         "Bearer sk-local-0123456789",
     ]
+
+
+def test_token_counts_are_what_the_server_reports_in_usage(tiny_chat):
+    prompts = ["a", "a woman in a long red coat and black jeans walking", "man with a bag"]
+    requests = [ChatRequest(f"u{i}", p, seed=i) for i, p in enumerate(prompts)]
+    with running(tiny_chat, faults_by_request={"u-bad": "500"}) as (server, url):
+        results = engine(url, retries=0).generate([*requests, ChatRequest("u-bad", "x")])
+    served = {rec.request_id: rec.usage for rec in server.records if rec.outcome == "ok"}
+    for request, result in zip(requests, results[:3], strict=True):
+        # The server counted with its tokenizer; the templated prompt's length, counted here,
+        # is the same number, and the generated tokens are within the server's cap.
+        templated = tiny_chat.tokenizer.apply_chat_template(
+            [{"role": "user", "content": request.prompt}], add_generation_prompt=True
+        )
+        templated = templated["input_ids"] if hasattr(templated, "keys") else templated
+        assert result.prompt_tokens == served[request.request_id]["prompt_tokens"]
+        assert result.prompt_tokens == len(templated)
+        assert result.completion_tokens == served[request.request_id]["completion_tokens"]
+        assert 1 <= result.completion_tokens <= 4
+    assert len({r.prompt_tokens for r in results[:3]}) == 3
+    failed = results[-1]
+    assert not failed.ok and failed.prompt_tokens is None and failed.completion_tokens is None
+
+
+def test_a_reply_without_usage_leaves_the_counts_unknown(tiny_chat):
+    with running(tiny_chat, send_usage=False) as (_, url):
+        (result,) = engine(url).generate([ChatRequest("n", "describe")])
+    assert result.ok and result.prompt_tokens is None and result.completion_tokens is None

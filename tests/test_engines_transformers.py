@@ -145,3 +145,52 @@ def test_a_local_model_takes_any_image_pil_decodes():
         [ChatRequest("bmp", "Describe the person.", image=buf.getvalue(), seed=3)]
     )
     assert result.ok and result.text
+
+
+def _templated(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    messages = [{"role": "system", "content": system}] if system else []
+    ids = tokenizer.apply_chat_template(
+        [*messages, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_token_counts_are_the_tokenizers_own_lengths():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_model_dir("tiny-random:llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    greedy = LLAMA.model_copy(update={"temperature": 0.0, "max_tokens": 40})
+    # Prompts of different lengths in one batch: left padding must not count.
+    prompts = ["a", "a woman in a long red coat and black jeans walking", "man with a bag"]
+    requests = [
+        ChatRequest(f"p{i}", p, system="Be brief." if i == 1 else None, seed=i)
+        for i, p in enumerate(prompts)
+    ]
+    batched = engines.get_generator(greedy, "text").generate(requests)
+    expected = [len(_templated(tokenizer, r.prompt, r.system)) for r in requests]
+    assert len(set(expected)) == 3
+    assert [r.prompt_tokens for r in batched] == expected
+
+    # One request alone (no padding): the model's own generate, run here, says how many
+    # tokens it produced, EOS included, and stops there.
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    alone = engines.get_generator(greedy.model_copy(update={"batch_size": 1}), "text")
+    results = alone.generate(requests)
+    for request, result in zip(requests, results, strict=True):
+        ids = _templated(tokenizer, request.prompt, request.system)
+        import torch
+
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=40,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        generated = out[0, len(ids) :].tolist()
+        assert result.prompt_tokens == len(ids)
+        assert result.completion_tokens == len(generated)
+        assert 0 < result.completion_tokens <= 40
+        if result.finish_reason == "stop":
+            assert generated[-1] == tokenizer.eos_token_id  # EOS counted once, nothing after

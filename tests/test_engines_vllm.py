@@ -41,11 +41,13 @@ from pedsynth.schemas.text import RESERVED_ENGINE_ARGS, EngineConfig, VLLMOption
 class _Completion:
     text: str
     finish_reason: str = "stop"
+    token_ids: tuple = ()  # one per word of the text, as the stand-in's tokenizer counts
 
 
 @dataclass
 class _Output:
     outputs: list
+    prompt_token_ids: list | None = None
 
 
 IMAGE_TOKENS = 40  # what one image costs in the stand-in, unknown to the backend
@@ -110,10 +112,13 @@ def _fake_vllm(calls: dict) -> types.ModuleType:
                     )
                 if "POISON" in str(conv[-1]["content"]):
                     raise RuntimeError("poisoned\nprompt")
-            return [
-                _Output([_Completion(f"reply {i}: {_text(conv)}")])
-                for i, conv in enumerate(conversations)
-            ]
+            outputs = []
+            for i, conv in enumerate(conversations):
+                text = f"reply {i}: {_text(conv)}"
+                prompt_ids = list(range(sum(_words(m["content"]) + 1 for m in conv)))
+                completion = _Completion(text, token_ids=tuple(range(len(text.split()))))
+                outputs.append(_Output([completion], prompt_token_ids=prompt_ids))
+            return outputs
 
     mod.LLM, mod.SamplingParams = LLM, SamplingParams
     sampling.StructuredOutputsParams = StructuredOutputsParams
@@ -436,3 +441,28 @@ def test_an_engine_that_cannot_be_rebuilt_fails_its_rows_and_stops(calls, monkey
     with pytest.raises(EngineError, match="could not be rebuilt; 2 of 2 requests failed"):
         gen.generate([ChatRequest("a", "hi"), ChatRequest("b", "ho")])
     assert calls["built"] == 2 and gen.llm is None
+
+
+def test_token_counts_come_from_the_request_outputs(calls):
+    (text,) = vllm_backend.VLLMGenerator(_config(), kind="text").generate(
+        [ChatRequest("t", "a woman in a red coat", system="Be brief.", seed=1)]
+    )
+    image, bad = vllm_backend.VLLMGenerator(_config(), kind="vision").generate(
+        [
+            ChatRequest("i", "describe", image=_jpeg(), seed=2),
+            ChatRequest("bad", "describe", image=b"not an image"),
+        ]
+    )
+    # The stand-in's ids: one per word plus one per message; images cost IMAGE_TOKENS.
+    assert (text.prompt_tokens, text.completion_tokens) == (2 + 1 + 6 + 1, 2 + 6)
+    assert (image.prompt_tokens, image.completion_tokens) == (1 + IMAGE_TOKENS + 1, 2 + 1)
+    assert bad.prompt_tokens is None and bad.completion_tokens is None
+
+
+def test_outputs_without_token_ids_leave_the_counts_unknown(calls, monkeypatch):
+    gen = vllm_backend.VLLMGenerator(_config(), kind="text")
+    monkeypatch.setattr(
+        gen, "_chat", lambda requests: [_Output([_Completion("x", token_ids=None)])]
+    )
+    (result,) = gen.generate([ChatRequest("a", "describe")])
+    assert result.ok and result.prompt_tokens is None and result.completion_tokens is None

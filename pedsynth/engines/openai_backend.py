@@ -314,14 +314,23 @@ class OpenAIGenerator(GeneratorBase):
                     )
                     return failure(request, exc.reason, redact(detail))
                 ok = True
-                return GenerationResult(request.request_id, result[0], finish_reason=result[1])
+                text, finish_reason, prompt_tokens, completion_tokens = result
+                return GenerationResult(
+                    request.request_id,
+                    text,
+                    finish_reason=finish_reason,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                )
         finally:
             await limit.release(ok)
 
     async def _attempt(
         self, client: _Client, body: dict[str, Any], headers: dict[str, str]
-    ) -> tuple[str, str | None]:
-        """One ``create`` call, the SDK's retries inside it: (text, finish reason), or raise."""
+    ) -> tuple[str, str | None, int | None, int | None]:
+        """One ``create`` call, the SDK's retries inside it: (text, finish reason, prompt
+        tokens, completion tokens), or raise. The counts are the reply's ``usage``, None where
+        the server sends none."""
         try:
             response = await client.chat.completions.create(**body, extra_headers=headers)
         except openai.RateLimitError:
@@ -345,4 +354,15 @@ class OpenAIGenerator(GeneratorBase):
         choices = getattr(response, "choices", None)
         if not choices or choices[0].message is None or choices[0].message.content is None:
             raise _Failed("empty_choice", "the reply had no choice with content", ours=True)
-        return choices[0].message.content, choices[0].finish_reason
+        usage = getattr(response, "usage", None)
+        return (
+            choices[0].message.content,
+            choices[0].finish_reason,
+            _count(getattr(usage, "prompt_tokens", None)),
+            _count(getattr(usage, "completion_tokens", None)),
+        )
+
+
+def _count(value: Any) -> int | None:
+    """A token count from a reply's ``usage``; None for a missing or nonsensical one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

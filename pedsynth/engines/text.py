@@ -57,6 +57,10 @@ class GenerationResult:
     text: str | None
     error: str | None = None  # "reason: detail" when the request failed
     finish_reason: str | None = None  # "stop" | "length" | backend-specific
+    # Token usage where the backend reports it (None: unknown): the prompt as the model saw
+    # it (chat template included) and the tokens it generated.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
     @property
     def ok(self) -> bool:

@@ -120,13 +120,40 @@ class TransformersGenerator(GeneratorBase):
             )
         new_tokens = output[:, inputs["input_ids"].shape[1] :].cpu()
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        # Prompt tokens per row: the attention mask, as left padding pads every row to the
+        # longest (image tokens included for a vision model: they are in the input ids).
+        mask = inputs.get("attention_mask")
+        width = inputs["input_ids"].shape[1]
+        prompt_lengths = mask.sum(dim=1).tolist() if mask is not None else [width] * len(batch)
         eos = self.tokenizer.eos_token_id
+        stops = self._stop_ids()
         results = []
-        for req, tokens, text in zip(batch, new_tokens.tolist(), texts, strict=True):
+        for req, tokens, text, prompt_length in zip(
+            batch, new_tokens.tolist(), texts, prompt_lengths, strict=True
+        ):
             stopped = eos in tokens or self.tokenizer.pad_token_id in tokens
             results.append(
                 GenerationResult(
-                    req.request_id, text.strip(), finish_reason="stop" if stopped else "length"
+                    req.request_id,
+                    text.strip(),
+                    finish_reason="stop" if stopped else "length",
+                    prompt_tokens=int(prompt_length),
+                    completion_tokens=_generated(tokens, stops),
                 )
             )
         return results
+
+    def _stop_ids(self) -> frozenset[int]:
+        """The token ids that end a generation: the model's EOS ids and the tokenizer's."""
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids = configured if isinstance(configured, list | tuple) else [configured]
+        return frozenset(i for i in [*ids, self.tokenizer.eos_token_id] if isinstance(i, int))
+
+
+def _generated(tokens: Sequence[int], stops: frozenset[int]) -> int:
+    """Tokens a row generated: up to and including its first stop token (the padding that
+    ``generate`` adds after a row has stopped is not generated), else all of them."""
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return i + 1
+    return len(tokens)

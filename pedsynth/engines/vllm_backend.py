@@ -132,6 +132,14 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _length(token_ids: Any) -> int | None:
+    """How many token ids vLLM reports (a list, a tuple or an array); None without any."""
+    try:
+        return None if token_ids is None else len(token_ids)
+    except TypeError:
+        return None
+
+
 def max_model_len(llm: Any) -> int | None:
     """The running engine's context limit (derived from the model when the config sets none)."""
     model_config = getattr(llm, "model_config", None)  # vLLM >= 0.10 keeps it on the LLM
@@ -256,7 +264,11 @@ class VLLMGenerator(GeneratorBase):
                 results[request.request_id] = failure(request, "empty_choice", "no output")
             else:
                 results[request.request_id] = GenerationResult(
-                    request.request_id, completion.text, finish_reason=completion.finish_reason
+                    request.request_id,
+                    completion.text,
+                    finish_reason=completion.finish_reason,
+                    prompt_tokens=_length(getattr(out, "prompt_token_ids", None)),
+                    completion_tokens=_length(getattr(completion, "token_ids", None)),
                 )
 
     def _chat(self, requests: Sequence[ChatRequest]) -> list[Any]:

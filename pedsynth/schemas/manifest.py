@@ -39,6 +39,8 @@ class StageCounts(_Record):
     seconds: float = 0.0
     requests: int = 0  # model requests (slots) of the stage's shards
     failed: int = 0  # of those, failures (the engine could not answer), not quality rejects
+    prompt_tokens: int = 0  # tokens of the prompts sent (where the engine reports them)
+    completion_tokens: int = 0  # tokens generated, every draft (kept or not)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -55,6 +57,17 @@ class StageCounts(_Record):
         if self.seconds <= 0 or self.reused == self.shards:
             return None
         return round(self.rows_in / self.seconds, 1)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Completion tokens per second of wall time; None without tokens, time or any shard
+        computed in this run (reused shards bring their tokens but took no time)."""
+        if self.completion_tokens <= 0 or self.seconds <= 0:
+            return None
+        if self.shards and self.reused == self.shards:
+            return None
+        return round(self.completion_tokens / self.seconds, 1)
 
     @classmethod
     def of(
@@ -82,6 +95,8 @@ class StageCounts(_Record):
             seconds=round(seconds, 3),
             requests=sum(getattr(r, "requests", 0) for r in results),
             failed=sum(getattr(r, "failed", 0) for r in results),
+            prompt_tokens=sum(getattr(r, "prompt_tokens", 0) for r in results),
+            completion_tokens=sum(getattr(r, "completion_tokens", 0) for r in results),
         )
 
 

@@ -130,7 +130,12 @@ class CaptionStage:
             self._row(kept.draft.payload, kept.text, generator.generator_id, kept.draft.seed)
             for kept in done.kept
         ]
-        output = with_requests(self._output(table, new_rows), len(slots))
+        output = with_requests(
+            self._output(table, new_rows),
+            len(slots),
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+        )
         return output, rejects_table(done.rejects)
 
     @staticmethod

@@ -25,7 +25,18 @@ HF_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
 
 TAGS = ["person-retrieval", "text-to-image-retrieval", "pedsynth"]
 TASK_CATEGORIES = ["text-to-image", "image-to-text"]
-STAGE_COLUMNS = ["stage", "rows in", "rows out", "rejected", "shards", "reused", "time", "rows/s"]
+STAGE_COLUMNS = [
+    "stage",
+    "rows in",
+    "rows out",
+    "rejected",
+    "shards",
+    "reused",
+    "time",
+    "rows/s",
+    "tokens (prompt / completion)",
+    "tokens/s",
+]
 MISSING = "—"
 
 _SIZE_CATEGORIES = [
@@ -216,17 +227,27 @@ def _stage_row(name: str, counts: object) -> list[str]:
         fmt(c.get("reused")),
         fmt_seconds(c.get("seconds")),
         fmt_rate(c.get("rows_per_s")),
+        fmt_tokens(c.get("prompt_tokens"), c.get("completion_tokens")),
+        fmt_rate(c.get("tokens_per_s") or None),
     ]
+
+
+def fmt_tokens(prompt: int | None, completion: int | None) -> str:
+    """``prompt / completion`` token counts; a dash for a stage that reported none."""
+    if not prompt and not completion:
+        return MISSING
+    return f"{fmt(prompt or 0)} / {fmt(completion or 0)}"
 
 
 def stages_section(
     stages: Mapping[str, Any], rejects: list[tuple[str, str, int]], origin: str
 ) -> str:
-    """Rows in, rows out, rejected, shards (reused) and time per stage, then rejects by reason."""
+    """Rows in, rows out, rejected, shards (reused), time and tokens per stage, then rejects by
+    reason."""
     parts = ["## Pipeline stages\n"]
     if stages:
         rows = [_stage_row(name, counts) for name, counts in stages.items()]
-        parts.append(table(STAGE_COLUMNS, rows, "lrrrrrrr") + "\n")
+        parts.append(table(STAGE_COLUMNS, rows, "lrrrrrrrrr") + "\n")
     else:
         parts.append("No stage counts recorded.\n")
     parts.append("### Rejects by reason\n")

@@ -107,10 +107,13 @@ class Kept(Generic[P]):
 
 @dataclass
 class Regenerated(Generic[P]):
-    """The kept drafts and the reject rows, each in the order the rounds produced them."""
+    """The kept drafts and the reject rows, each in the order the rounds produced them, and
+    the tokens of every draft of every round, kept or not (where the engine reported them)."""
 
     kept: list[Kept[P]]
     rejects: list[dict[str, Any]]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 Describe = Callable[[Draft[Any]], tuple[dict[str, Any], str]]
@@ -138,6 +141,8 @@ def regenerate(
             for slot, attempt in pending
         ]
         results = generator.generate(requests)
+        out.prompt_tokens += sum(r.prompt_tokens or 0 for r in results)
+        out.completion_tokens += sum(r.completion_tokens or 0 for r in results)
         drafts = [
             Draft(slot, attempt, request, result)
             for (slot, attempt), request, result in zip(pending, requests, results, strict=True)

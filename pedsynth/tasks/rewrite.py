@@ -157,7 +157,13 @@ class RewriteStage:
             for kept in done.kept
         ]
         output = pa.concat_tables([table, pairs_table(new_rows)])
-        return with_requests(output, len(slots)), rejects_table(done.rejects)
+        output = with_requests(
+            output,
+            len(slots),
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+        )
+        return output, rejects_table(done.rejects)
 
     def _row(
         self, job: _Job, caption: str, generator_id: str, seed: int, score: float | None

@@ -12,7 +12,8 @@ final for its fingerprint; a failure (``FAILURE_REASONS``: the engine could not 
 accident. A committed shard with failures is computed again by the next run, up to
 ``MAX_ATTEMPTS`` runs in all, and until it has none the stages after it see a fingerprint that
 names the attempt, so they recompute too. Each output records, in its Parquet metadata, how many
-requests it sent to a model, how many failed, and which attempt wrote it.
+requests it sent to a model, how many failed, which attempt wrote it, and the prompt and
+completion tokens its requests used (where the engine reports them).
 """
 
 from __future__ import annotations
@@ -36,12 +37,20 @@ WORK_DIR = "_work"
 FAILURE_REASONS = frozenset({"generation_failed", "engine_failed"})
 MAX_ATTEMPTS = 3  # runs that may try a shard with failures before its failures are final
 _REQUESTS, _FAILED, _ATTEMPT = b"pedsynth.requests", b"pedsynth.failed", b"pedsynth.attempt"
+_PROMPT_TOKENS, _COMPLETION_TOKENS = b"pedsynth.prompt_tokens", b"pedsynth.completion_tokens"
 
 
-def with_requests(table: pa.Table, requests: int) -> pa.Table:
+def with_requests(
+    table: pa.Table, requests: int, *, prompt_tokens: int = 0, completion_tokens: int = 0
+) -> pa.Table:
     """Mark a stage's output with the number of model requests (slots) it made, so failure
-    shares can be computed per stage."""
-    metadata = {**(table.schema.metadata or {}), _REQUESTS: str(requests).encode()}
+    shares can be computed per stage, and the tokens those requests used (every draft)."""
+    metadata = {
+        **(table.schema.metadata or {}),
+        _REQUESTS: str(requests).encode(),
+        _PROMPT_TOKENS: str(prompt_tokens).encode(),
+        _COMPLETION_TOKENS: str(completion_tokens).encode(),
+    }
     return table.replace_schema_metadata(metadata)
 
 
@@ -95,6 +104,8 @@ class ShardResult:
     requests: int = 0  # model requests made (0 for stages without a model)
     failed: int = 0  # reject rows that are failures, not quality decisions
     attempt: int = 1  # which run computed this output
+    prompt_tokens: int = 0  # tokens of the prompts sent, where the engine reports them
+    completion_tokens: int = 0  # tokens generated, every draft (kept or not)
 
     def content_fingerprint(self) -> str:
         """What the next stage's fingerprint chains to (the ``ShardInput`` protocol): an
@@ -177,6 +188,8 @@ def _result(
         requests=_meta_int(metadata, _REQUESTS),
         failed=_meta_int(metadata, _FAILED),
         attempt=max(1, _meta_int(metadata, _ATTEMPT)),
+        prompt_tokens=_meta_int(metadata, _PROMPT_TOKENS),
+        completion_tokens=_meta_int(metadata, _COMPLETION_TOKENS),
     )
 
 
