@@ -15,20 +15,10 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from tests.package_index import index_unreachable
+
 REPO = Path(__file__).resolve().parents[1]
 OLDEST_VLLM = Version("0.32")  # the floor: what "a current vLLM" means today
-
-# What pip prints when the index cannot be reached at all (no route, no DNS, proxy down). Any
-# other failure, a resolution conflict above all, fails the test.
-_NO_INDEX = (
-    "NewConnectionError",
-    "Failed to establish a new connection",
-    "Temporary failure in name resolution",
-    "Name or service not known",
-    "Network is unreachable",
-    "ConnectTimeoutError",
-    "ProxyError",
-)
 
 
 def _declared(name: str) -> list[Requirement]:
@@ -61,7 +51,7 @@ def test_gpu_extra_resolves_to_current_vllm(tmp_path):
     seconds = time.monotonic() - started
     output = done.stdout + done.stderr
     if done.returncode != 0:
-        if any(marker in output for marker in _NO_INDEX):
+        if index_unreachable(output):
             pytest.skip(f"the package index cannot be reached: {output.strip()[-300:]}")
         pytest.fail(f"pip could not resolve .[gpu] ({seconds:.0f} s):\n{output[-4000:]}")
 

