@@ -82,10 +82,10 @@ def shout_registered(monkeypatch):
     """The registry with one extra shard stage, and no stage instances cached yet."""
     shout = stages.StageEntry("shout", "tests.test_stages:ShoutStage", "shard")
     monkeypatch.setattr(stages, "STAGES", (*stages.STAGES[:-1], shout, stages.STAGES[-1]))
-    cache.clear('["stage"')
+    cache.clear_kind("stage")
     BUILT.clear()
     yield
-    cache.clear('["stage"')
+    cache.clear_kind("stage")
 
 
 def test_stage_runs_once_per_fingerprint_and_reuses_its_instance(tmp_path, shout_registered):

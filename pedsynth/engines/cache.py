@@ -63,3 +63,8 @@ def clear(prefix: str = "") -> None:
         for key in [k for k in _values if k.startswith(prefix)]:
             del _values[key]
             _build_locks.pop(key, None)
+
+
+def clear_kind(kind: str) -> None:
+    """Forget every cached value of one kind (``cache_key(kind, ...)``)."""
+    clear(cache_key(kind)[:-1] + ",")

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pedsynth.engines.cache import cache_key, cached, clear
+from pedsynth.engines.cache import cache_key, cached, clear_kind
 from pedsynth.redact import redact
 from pedsynth.schemas.text import EngineConfig
 
@@ -238,4 +238,4 @@ def get_generator(config: EngineConfig, kind: Kind) -> Generator:
 
 def clear_generators() -> None:
     """Forget every cached engine (tests; freeing GPU memory between builds)."""
-    clear(cache_key(_CACHE_KIND)[:-1] + ",")  # every key that starts ["generator",
+    clear_kind(_CACHE_KIND)

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -49,9 +50,14 @@ class Chunk:
     def rows(self) -> int:
         return self.stop - self.start if self.kind == "catalog" else self.shard_rows
 
+    @cached_property
+    def _catalog_rows(self) -> pa.Table:
+        """The catalogue slice, read once per chunk (fingerprint and ingest both need it)."""
+        return _read_rows(self.input_path, self.start, self.stop)
+
     def read(self) -> pa.Table:
         if self.kind == "catalog":
-            return _read_rows(self.input_path, self.start, self.stop)
+            return self._catalog_rows
         table = pq.read_table(self.input_path)
         metadata = {**(table.schema.metadata or {}), SOURCE_LABEL_KEY: self.source.encode()}
         return table.replace_schema_metadata(metadata)
@@ -59,8 +65,7 @@ class Chunk:
     def content_fingerprint(self) -> str:
         if self.kind == "shard":
             return self.input_fp
-        catalog = _read_rows(self.input_path, self.start, self.stop)
-        files = [_stat(p) for p in catalog.column("image_path").to_pylist()]
+        files = [_stat(p) for p in self._catalog_rows.column("image_path").to_pylist()]
         return fingerprint(input=self.input_fp, start=self.start, stop=self.stop, files=files)
 
 

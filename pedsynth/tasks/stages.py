@@ -21,6 +21,7 @@ the pipeline) and one optional config section of the same name in ``schemas/conf
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,5 +158,5 @@ def run_dataset_stage(
     """Every shard through one dataset stage; ``context.fingerprint`` is filled in here."""
     stage = get_stage(name, section, seed)
     fp = stage_fingerprint(name, stage, [(s.stage, s.key, s.content_fingerprint()) for s in shards])
-    context = StageContext(**{**context.__dict__, "fingerprint": fp})
+    context = dataclasses.replace(context, fingerprint=fp)
     return stage.run(shards, context)

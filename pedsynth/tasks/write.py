@@ -287,17 +287,19 @@ class WriteStage:
         """Final shards as results: one per file; the first carries the write rejects."""
         out = Path(context.out_dir)
         build_fp = fingerprint(stage=context.fingerprint, shard_rows=context.shard_rows)
-        reused = finished_manifest(out, build_fp) is not None
-        manifest = write_dataset(
-            out,
-            shards,
-            list(context.reject_paths),
-            shard_rows=context.shard_rows,
-            config=context.config,
-            stages=context.stages,
-            build_fp=build_fp,
-            code_hashes=context.code_hashes,
-        )
+        manifest = finished_manifest(out, build_fp)
+        reused = manifest is not None
+        if manifest is None:
+            manifest = write_dataset(
+                out,
+                shards,
+                list(context.reject_paths),
+                shard_rows=context.shard_rows,
+                config=context.config,
+                stages=context.stages,
+                build_fp=build_fp,
+                code_hashes=context.code_hashes,
+            )
         own = manifest.stages[STAGE]
         return [
             ShardResult(
