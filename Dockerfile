@@ -5,7 +5,9 @@
 # pyproject.toml (vllm 0.33.0 with prefect 3.7.7, fastapi 0.136.3, torch 2.14.0 built for
 # CUDA 13.0, which needs an NVIDIA driver >= 580 on the host). EXTRAS="" builds the worker for
 # a separate vLLM server (compose.gpu.yaml, configs/gpu-server.yaml): no vllm, the newest
-# Prefect the project allows.
+# Prefect the project allows. EXTRAS=gpu,ray (or ray) adds prefect-ray and Ray, so the same
+# image also serves as a Ray node: run it with `ray start --address HEAD:6379 --block` (a
+# worker) or `ray start --head --block` instead of the default command (README, Ray).
 # The CUDA libraries come with the torch wheels; the base image only carries the settings the
 # NVIDIA container runtime reads.
 FROM nvidia/cuda:13.0.0-base-ubuntu24.04

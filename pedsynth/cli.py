@@ -24,11 +24,21 @@ def _sample_data(args: argparse.Namespace) -> int:
         identities=args.identities,
         images_per_identity=args.images_per_identity,
         seed=args.seed,
+        split_fractions=_fractions(args.splits),
         workers=args.workers,
         overwrite=args.overwrite,
     )
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise PreflightError(
+            f"--splits {text!r}: expected TRAIN,VAL,TEST shares, e.g. 0.8,0.1,0.1"
+        ) from None
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -37,16 +47,21 @@ def _build(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, sources=args.source, out=args.out, overrides=args.set)
     check_build(cfg)
     from pedsynth.flows.build_dataset import build_dataset  # sets up Prefect's logging
+    from pedsynth.lock import build_lock
+    from pedsynth.server_process import own_ephemeral_server
 
-    errors.start_log_file(cfg.out, "build", debug=args.debug)
-    errors.quiet_prefect_tracebacks(debug=args.debug)
-    manifest = build_dataset(
-        config=args.config,
-        sources=args.source,
-        out=args.out,
-        overrides=args.set,
-        show_progress=sys.stderr.isatty(),
-    )
+    # The lock before any write (a second build refuses or waits); a temporary Prefect server
+    # of our own that dies with this process, however it dies.
+    with build_lock(cfg.out, wait=args.wait), own_ephemeral_server(cfg.out):
+        errors.start_log_file(cfg.out, "build", debug=args.debug)
+        errors.quiet_prefect_tracebacks(debug=args.debug)
+        manifest = build_dataset(
+            config=args.config,
+            sources=args.source,
+            out=args.out,
+            overrides=args.set,
+            show_progress=sys.stderr.isatty(),
+        )
     print(summarize(Manifest.model_validate(manifest), reused=manifest.get("reused", False)))
     return 0
 
@@ -111,6 +126,19 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from pedsynth.verify import verify
+
+    report = verify(args.out)  # not a build: a one-line error (main)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for problem in report.problems:
+            print(problem.line(Path(args.out)))
+        print(report.summary())
+    return 0 if report.sound else 1
+
+
 def _search(args: argparse.Namespace) -> int:
     from pedsynth.search import search
 
@@ -125,6 +153,44 @@ def _search(args: argparse.Namespace) -> int:
         )
         for caption in hit["captions"]:
             print(f"       - {caption}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pedsynth.export.layouts import export_layout
+
+    summary = export_layout(
+        args.out,
+        args.dir,
+        args.format,
+        caption_sources=args.caption_source,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _export_ranking(args: argparse.Namespace) -> int:
+    from pedsynth.export.ranking import export_ranking
+
+    summary = export_ranking(
+        args.out,
+        args.dir,
+        k=args.k,
+        split=args.split,
+        limit=args.limit,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _learn_templates(args: argparse.Namespace) -> int:
+    from pedsynth.prototypes import learn_templates
+
+    summary = learn_templates(args.source, args.out, n=args.n, seed=args.seed)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -153,9 +219,24 @@ def _ablate(args: argparse.Namespace) -> int:
         corrupt=args.corrupt,
         overrides=args.set,
         variants=args.variant,
+        seeds=[int(x) for x in args.seeds.split(",") if x.strip()],
+        steps=args.steps,
+        min_test_identities=args.min_test_identities,
+        filter_builds=_labelled(args.filter_build, "--filter-build") or None,
     )
     print(table)
     return 0
+
+
+def _labelled(values: list[str], option: str) -> dict[str, str]:
+    """``LABEL=VALUE`` options as a mapping; anything else is a one-line error."""
+    pairs = {}
+    for value in values:
+        label, sep, target = value.partition("=")
+        if not sep or not label or not target:
+            raise PreflightError(f"{option} {value!r}: expected LABEL=PATH, e.g. attribute=OUT2")
+        pairs[label] = target
+    return pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identities", type=int, default=200)
     p.add_argument("--images-per-identity", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--splits", default="0.8,0.1,0.1", help="train,val,test shares of the identities"
+    )
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_sample_data)
@@ -191,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set shard_rows=500 (repeatable)",
     )
     p.add_argument("--debug", action="store_true", help="show full tracebacks on the terminal")
+    p.add_argument(
+        "--wait", action="store_true", help="wait for another build of the same --out to finish"
+    )
     p.set_defaults(func=_build)
 
     p = sub.add_parser("train", help="train and evaluate a retriever (train-retriever flow)")
@@ -201,12 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on the terminal")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("ablate", help="train with and without BSS, NAM, CM-MoCo on noisy captions")
+    p = sub.add_parser("ablate", help="ablation rows over seeds on noisy captions")
     p.add_argument("benchmark", help="a procedural benchmark folder (see sample-data)")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--config", default="configs/train-tiny.yaml")
     p.add_argument("--corrupt", type=float, default=0.3, help="share of captions corrupted")
     p.add_argument("--variant", action="append", default=None, help="only these variants")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; mean ± std over them")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (max_steps)")
+    p.add_argument("--min-test-identities", type=int, default=100)
+    p.add_argument(
+        "--filter-build",
+        action="append",
+        default=[],
+        metavar="LABEL=BUILD",
+        help="a '+filter (LABEL)' row trained on that build (e.g. embedding=OUT1 attribute=OUT2)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_ablate)
 
@@ -215,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=_inspect)
 
+    p = sub.add_parser("verify", help="re-read a finished build; exit 1 if anything is wrong")
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_verify)
+
     p = sub.add_parser("search", help="find images of a finished build by text (memory index)")
     p.add_argument("out")
     p.add_argument("text")
@@ -222,6 +324,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="search one split only, e.g. test")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=_search)
+
+    p = sub.add_parser("export", help="write a finished build in a public dataset's layout")
+    p.add_argument("out", help="a finished pedsynth build")
+    p.add_argument("dir", help="the export folder (empty, or an earlier run of the same export)")
+    p.add_argument("--format", required=True, choices=["cuhk-pedes", "icfg-pedes", "rstpreid"])
+    p.add_argument(
+        "--caption-source",
+        action="append",
+        default=None,
+        choices=["original", "mllm", "rewrite", "edit"],
+        help="export only captions of this kind (repeatable; default: all)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an export already there")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("export-ranking", help="RAR re-ranker training data from the memory index")
+    p.add_argument("out", help="a finished pedsynth build with a memory")
+    p.add_argument("dir", help="the export folder (empty, or an earlier run of the same export)")
+    p.add_argument("--k", type=int, default=5, help="candidates per contact sheet (default 5)")
+    p.add_argument("--split", default="train", help="which split's captions (default train)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many captions")
+    p.add_argument("--seed", type=int, default=0, help="places true matches the index missed")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already there")
+    p.set_defaults(func=_export_ranking)
+
+    p = sub.add_parser(
+        "learn-templates", help="learn caption style prototypes from a dataset's train captions"
+    )
+    p.add_argument("source", help="FORMAT:PATH of an annotated dataset, e.g. cuhk-pedes:data/CUHK")
+    p.add_argument("out", help="the template file to write (YAML, templates.yaml's format)")
+    p.add_argument("--n", type=int, default=1000, help="prototypes (clusters; default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    p.set_defaults(func=_learn_templates)
     return parser
 
 

@@ -79,4 +79,8 @@ def check_build(cfg: BuildConfig) -> None:
     from pedsynth.engines.preflight import check_build_engines
 
     check_build_engines(cfg)
+    if cfg.caption is not None and cfg.caption.templates is not None:
+        from pedsynth.prompts import load_templates
+
+        load_templates(cfg.caption.templates)  # a missing or malformed file: one line, now
     check_output(cfg.out)

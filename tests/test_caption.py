@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from pedsynth.engines.text import GenerationResult
@@ -13,6 +14,7 @@ from pedsynth.schemas.text import CaptionConfig, EngineConfig
 from pedsynth.tasks import caption as caption_mod
 from pedsynth.tasks.caption import CaptionStage
 from pedsynth.tasks.regenerate import Rejected
+from pedsynth.tasks.shards import run_shard
 from pedsynth.tasks.text_checks import check_generated
 from tests.text_shards import ingest_procedural, torch_threads, uncaptioned
 
@@ -209,6 +211,71 @@ def test_engine_failures_are_not_regenerated(shard, monkeypatch):
     assert rejects["reason"].to_pylist() == ["generation_failed"]
     assert "timeout" in rejects["detail"][0].as_py() and len(fake.calls) == 1
     assert out.num_rows == one.num_rows
+
+
+class RecordingVLM(ScriptedVLM):
+    """A scripted engine that also keeps every request it was sent."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.requests = []
+
+    def generate(self, requests):
+        self.requests.extend(requests)
+        return super().generate(requests)
+
+
+def test_common_instruction_sends_one_prompt_and_keeps_the_opening(shard, monkeypatch):
+    two = shard.filter(pc.is_in(shard["image_id"], shard["image_id"].unique()[:2]))
+    first, second = two["image_id"].unique().to_pylist()
+    fake = RecordingVLM(
+        {
+            f"{first}#0": ["wearing a red coat, blue jeans and white sneakers."],
+            f"{second}#0": ["The person in the image is a man with short black hair."],
+        }
+    )
+    monkeypatch.setattr(caption_mod, "get_generator", lambda cfg, kind: fake)
+    cfg = CaptionConfig(engine=TINY_VLM, captions_per_image=1, instruction="common")
+    out, rejects = CaptionStage(cfg, seed=0)(two)
+    assert rejects.num_rows == 0
+    prompt = load_prompt("caption_common")
+    assert {r.prompt for r in fake.requests} == {prompt.text}  # one prompt for every image
+    mllm = {r["image_id"]: r for r in out.to_pylist() if r["caption_source"] == "mllm"}
+    assert mllm[first]["caption"] == (
+        "The person in the image is wearing a red coat, blue jeans and white sneakers."
+    )
+    assert mllm[second]["caption"] == "The person in the image is a man with short black hair."
+    assert {r["prompt_hash"] for r in mllm.values()} == {prompt.hash}
+    assert {r["template_id"] for r in mllm.values()} == {None}
+
+
+def test_common_instruction_refuses_a_template_share():
+    with pytest.raises(ValueError, match="template_share does not apply"):
+        CaptionConfig(engine=TINY_VLM, instruction="common", template_share=0.5)
+
+
+def test_a_retry_captions_only_the_failed_images_and_replaces_their_placeholders(
+    shard, monkeypatch, tmp_path
+):
+    bare = uncaptioned(shard.filter(pc.is_in(shard["image_id"], shard["image_id"].unique()[:2])))
+    first, second = bare["image_id"].unique().to_pylist()
+    fake = ScriptedVLM({f"{first}#0": [GOOD], f"{second}#0": [None, GOOD]})
+    monkeypatch.setattr(caption_mod, "get_generator", lambda cfg, kind: fake)
+    stage = CaptionStage(CaptionConfig(engine=TINY_VLM, captions_per_image=1), seed=0)
+
+    def run():
+        retry = lambda earlier, failed: stage.retry(bare, earlier, failed)  # noqa: E731
+        return run_shard(tmp_path, "caption", "k", "fp", lambda: stage(bare), retry=retry)
+
+    failed_once, retried = run(), run()
+    assert (failed_once.failed, retried.failed, retried.attempt) == (1, 0, 2)
+    assert fake.calls == [[f"{first}#0", f"{second}#0"], [f"{second}#0"]]
+    out = pq.read_table(retried.path)
+    assert out.filter(pc.is_null(out["caption"])).num_rows == 0  # no placeholder is left
+    assert sorted(out["image_id"].to_pylist()) == sorted([first, second])
+    assert pq.read_table(retried.rejects_path)["reason"].to_pylist() == [
+        "retried:generation_failed"
+    ]
 
 
 # ---------------------------------------------------------------- the offline config, end to end

@@ -10,7 +10,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from pedsynth.schemas.text import EngineConfig, OpenAIOptions, RewriteConfig
+from pedsynth.schemas.text import EngineConfig, OpenAIOptions, RewriteConfig, VLLMOptions
 from pedsynth.tasks import sources, stages
 from pedsynth.tasks.shards import MAX_ATTEMPTS
 from tests.fake_openai_server import FakeOpenAIServer, TinyChatModel
@@ -37,7 +37,7 @@ def _rewrite(url: str, **openai: object) -> RewriteConfig:
     settings = {"retries": 0, "backoff_s": 0.0, **openai}
     options = OpenAIOptions(base_url=url, api_key_env=None, **settings)
     engine = EngineConfig(backend="openai", model="tiny", max_tokens=8, openai=options)
-    return RewriteConfig(engine=engine, min_words=1, max_retries=0, alpha=None)
+    return RewriteConfig(engine=engine, min_words=1, max_retries=0, alpha=None, attributes=False)
 
 
 def _failing_everything(model, shard) -> FakeOpenAIServer:
@@ -61,7 +61,10 @@ def test_failed_requests_are_sent_again_by_the_next_run(ingested, model, tmp_pat
         assert second.path == first.path and not second.reused
         assert (second.failed, second.attempt) == (0, 2)
         sources_out = pq.read_table(second.path, columns=["caption_source"])["caption_source"]
-        assert sources_out.to_pylist().count("rewrite") == parents
+        rewritten = sources_out.to_pylist().count("rewrite")
+        final = {k: v for k, v in second.rejects_by_reason.items() if not k.startswith("retried:")}
+        assert rewritten + sum(final.values()) == parents  # every slot answered and judged
+        assert second.rejects_by_reason["retried:generation_failed"] == parents
         assert second.content_fingerprint() != first.content_fingerprint()  # downstream redoes
         sent = len(server.records)
 
@@ -69,6 +72,41 @@ def test_failed_requests_are_sent_again_by_the_next_run(ingested, model, tmp_pat
         assert third.reused and len(server.records) == sent  # nothing failed: nothing resent
     finally:
         server.stop()
+
+
+def _rows(path) -> list[tuple]:
+    table = pq.read_table(path, columns=["pair_id", "caption", "source", "seed"])
+    return sorted(zip(*(table[c].to_pylist() for c in table.column_names), strict=True))
+
+
+def test_a_retry_sends_only_the_failed_slots_and_ends_as_if_nothing_had_failed(
+    ingested, model, tmp_path
+):
+    parents = ingested.read(["pair_id"])["pair_id"].to_pylist()
+    doomed = {f"{pid}#0": "500" for pid in parents[:2]}  # two of the shard's slots fail
+    server = FakeOpenAIServer(model, faults_by_request=doomed)
+    url = server.start()
+    try:
+        first = stages.run_shard_stage("rewrite", _rewrite(url), 0, ingested, tmp_path / "a")
+        assert (first.requests, first.failed) == (len(parents), 2)
+        server.faults_by_request.clear()
+        sent_before = len(server.records)
+        second = stages.run_shard_stage("rewrite", _rewrite(url), 0, ingested, tmp_path / "a")
+        resent = [r.request_id for r in server.records[sent_before:]]
+        clean = stages.run_shard_stage("rewrite", _rewrite(url), 0, ingested, tmp_path / "b")
+    finally:
+        server.stop()
+    assert sorted(resent) == sorted(doomed)  # only the failed slots, each once
+    assert (second.requests, second.failed, second.attempt) == (len(parents), 0, 2)
+    assert _rows(second.path) == _rows(clean.path)  # the same rows as a run without failures
+    rejects = pq.read_table(second.rejects_path).to_pylist()
+    history = [r for r in rejects if r["reason"].startswith("retried:")]
+    assert [r["reason"] for r in history] == ["retried:generation_failed"] * 2
+    clean_rejects = pq.read_table(clean.rejects_path).to_pylist()
+    final = [(r["source"], r["reason"]) for r in rejects if r not in history]
+    assert sorted(final) == sorted((r["source"], r["reason"]) for r in clean_rejects)
+    parent_sources = ingested.read(["source"])["source"].to_pylist()[:2]
+    assert sorted(r["source"] for r in history) == sorted(f"{s}/rewrite0" for s in parent_sources)
 
 
 def test_failures_become_final_after_the_last_attempt(ingested, model, tmp_path):
@@ -85,6 +123,10 @@ def test_failures_become_final_after_the_last_attempt(ingested, model, tmp_path)
     assert [r.reused for r in runs] == [False] * MAX_ATTEMPTS + [True]
     assert runs[-1].failed == ingested.rows
     assert len(server.records) == MAX_ATTEMPTS * ingested.rows
+    # Each slot ends with one final failure and the earlier ones as its history.
+    reasons = pq.read_table(runs[-1].rejects_path, columns=["reason"])["reason"].to_pylist()
+    assert reasons.count("generation_failed") == ingested.rows
+    assert reasons.count("retried:generation_failed") == (MAX_ATTEMPTS - 1) * ingested.rows
 
 
 def test_transport_settings_leave_the_fingerprint_and_sampling_settings_do_not():
@@ -100,6 +142,19 @@ def test_transport_settings_leave_the_fingerprint_and_sampling_settings_do_not()
         update={"engine": hotter.engine.model_copy(update={"temperature": 0.2})}
     )
     assert fp(hotter) != base
+
+
+def test_vllm_scheduling_arguments_leave_the_fingerprint_and_model_arguments_do_not():
+    def fp(engine_args: dict) -> str:
+        vllm = VLLMOptions(engine_args=engine_args)
+        engine = EngineConfig(backend="vllm", model="/models/tiny", vllm=vllm)
+        cfg = RewriteConfig(engine=engine, alpha=None, attributes=False)
+        return stages.stage_fingerprint("rewrite", stages.get_stage("rewrite", cfg, 0), "input")
+
+    base = fp({})
+    scheduling = {"max_num_batched_tokens": 16384, "max_num_seqs": 8, "enable_prefix_caching": True}
+    assert fp(scheduling) == base
+    assert fp({"quantization": "fp8"}) != base  # changes what the model computes
 
 
 def _cli_build(procedural_small, out, api_url, *extra: str) -> subprocess.CompletedProcess:
@@ -132,4 +187,6 @@ def test_a_stage_over_its_failure_budget_fails_the_build(
     assert tolerated.returncode == 0, tolerated.stderr[-3000:]
     assert "warning: rewrite:" in tolerated.stdout
     manifest = pq.read_table(out / "rejects").to_pylist()
-    assert {r["reason"] for r in manifest if r["stage"] == "rewrite"} == {"generation_failed"}
+    # The second build sent the failed requests again: their first failure is history.
+    reasons = {r["reason"] for r in manifest if r["stage"] == "rewrite"}
+    assert reasons == {"generation_failed", "retried:generation_failed"}

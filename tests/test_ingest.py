@@ -278,8 +278,6 @@ def test_malformed_json_gives_one_reject(tmp_path: Path, text: str, expected: st
         ({"captions": "a string"}, "captions = 'a string'"),
         ({"file_path": None}, "file_path = None"),
         ({"file_path": ""}, "file_path = ''"),
-        ({"file_path": "../../etc/passwd"}, "file_path = '../../etc/passwd'"),
-        ({"file_path": "/abs/a.jpg"}, "file_path = '/abs/a.jpg'"),
         ({"split": "holdout"}, "split = 'holdout'"),
         ({"split": 3}, "split = 3"),
         ({"id": None, "file_path": None}, "file_path = None"),
@@ -295,6 +293,17 @@ def test_bad_record_names_the_field(tmp_path: Path, bad: dict, field: str) -> No
     assert reject["source"] == "cuhk-pedes:reid_raw.json#1"
     assert field in reject["detail"]
     assert len(reject["detail"]) < 500
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/abs/a.jpg", "a/../../b.jpg"])
+def test_a_path_leaving_the_image_folder_is_outside_root(tmp_path: Path, path: str) -> None:
+    dataset(tmp_path, [record("good.jpg"), record("bad.jpg") | {"file_path": path}])
+    catalog, rejects = read_catalog(cuhk(tmp_path))
+    assert catalog.column("rel_path").to_pylist() == ["good.jpg"]
+    [reject] = rejects.to_pylist()
+    assert reject["reason"] == "outside_root"
+    assert reject["source"] == "cuhk-pedes:reid_raw.json#1"
+    assert f"file_path {path!r}" in reject["detail"]
 
 
 def test_bad_record_shapes(tmp_path: Path) -> None:
@@ -435,15 +444,6 @@ def test_corpus_every_bad_input_is_one_reject(corpus: tuple[Path, dict]) -> None
     assert pairs.column("parent_id").null_count == 5
 
 
-def _write_only_file(path: Path) -> str:
-    """A link to a kernel attribute that cannot be opened for reading, by root neither."""
-    for attribute in sorted(Path("/sys/bus").glob("*/drivers_probe")):
-        if attribute.is_file() and not attribute.stat().st_mode & 0o444:
-            path.symlink_to(attribute)
-            return "Permission denied"
-    pytest.skip("no write-only sysfs attribute on this machine")
-
-
 def _no_read_permission(path: Path) -> str:
     if os.geteuid() == 0:
         pytest.skip("root reads a file without read permission; see the other cases")
@@ -459,8 +459,8 @@ def _looping_link(path: Path) -> str:
 
 @pytest.mark.parametrize(
     "make_unreadable",
-    [_looping_link, _write_only_file, _no_read_permission],
-    ids=["symlink-loop", "write-only-file", "chmod-000"],
+    [_looping_link, _no_read_permission],
+    ids=["symlink-loop", "chmod-000"],
 )
 def test_unreadable_file_is_a_reject_with_the_os_reason(tmp_path: Path, make_unreadable) -> None:
     root = tmp_path / "CUHK-PEDES"
@@ -606,9 +606,8 @@ def test_16_bit_png_is_scaled_to_8_bits() -> None:
     assert isinstance(check_image(data, "deep.png", CFG), CheckedImage)
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_grayscale_and_cmyk_jpegs_are_stored_as_they_are(mode: str) -> None:
-    data = encode(noise(mode), "JPEG")
+def test_grayscale_jpeg_is_stored_as_it_is() -> None:
+    data = encode(noise("L"), "JPEG")
     assert check_image(data, "a.jpeg", CFG) == CheckedImage(16, 40, data, "a.jpeg")
     assert check_image(data, "misnamed.png", CFG).path == "misnamed.jpg"
 

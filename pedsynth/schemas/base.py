@@ -56,6 +56,14 @@ TRANSPORT_FIELDS = frozenset(
         "cpu_threads",
         "gpu_memory_utilization",
         "batch_size",
+        # vllm.engine_args that schedule work or place memory, not what a request returns
+        "max_num_batched_tokens",
+        "max_num_seqs",
+        "enable_prefix_caching",
+        "enable_chunked_prefill",
+        "swap_space",
+        "cpu_offload_gb",
+        "disable_log_stats",
     }
 )
 

@@ -11,9 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pedsynth.schemas.base import StrictModel
+from pedsynth.schemas.edit import EditConfig
 from pedsynth.schemas.text import CaptionConfig, FaithfulnessConfig, RewriteConfig
 from pedsynth.schemas.vision import MemoryConfig, ScoreConfig
 
@@ -63,7 +71,7 @@ class SourceConfig(StrictModel):
 
 
 class IngestConfig(StrictModel):
-    """Limits that decide which images and captions are rejected."""
+    """Limits that decide which images and captions are rejected, and what is kept of them."""
 
     max_image_bytes: int = Field(50_000_000, gt=0)
     max_pixels: int = Field(40_000_000, gt=0)
@@ -71,6 +79,9 @@ class IngestConfig(StrictModel):
     max_caption_chars: int = Field(2_000, gt=0)
     convert_format: Literal["jpeg", "png"] = "jpeg"  # for inputs that are not JPEG already
     jpeg_quality: int = Field(95, ge=50, le=100)
+    # Remove EXIF (GPS included), XMP, comments and thumbnails from stored images, losslessly
+    # for JPEGs; false stores RGB/grey JPEG bytes as read. See pedsynth.tasks.image_metadata.
+    strip_metadata: bool = True
 
 
 class WriteConfig(StrictModel):
@@ -78,20 +89,74 @@ class WriteConfig(StrictModel):
     card_plots: bool = True  # False: no histograms, and matplotlib is never imported
 
 
+_MEMORY_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _bytes(value: Any) -> Any:
+    """``8GiB``, ``512 MiB`` or a plain number of bytes."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("kmgtib")
+    unit = text[len(number) :]
+    if unit not in _MEMORY_UNITS or not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"expected bytes, e.g. 8GiB or 512MiB, got {value!r}")
+    return int(float(number) * _MEMORY_UNITS[unit])
+
+
+class RayStageResources(StrictModel):
+    """What one task of a stage asks of Ray; Ray starts it only where these are free."""
+
+    num_cpus: float = Field(1, ge=0)
+    # None: what the stage's engines need (vLLM: tensor_parallel_size GPUs, transformers on
+    # cuda: 1, anything else: 0), so CPU stages never hold a GPU.
+    num_gpus: float | None = Field(None, ge=0)
+    memory: Annotated[int | None, BeforeValidator(_bytes), Field(gt=0)] = None  # bytes or 8GiB
+
+
+class RayConfig(StrictModel):
+    """``runner: ray``: where the Ray cluster is and what each stage's tasks ask of it.
+
+    ``address`` None starts a local Ray instance for the build (``num_cpus``, default the
+    build's ``workers``, and ``num_gpus``); ``auto`` joins the cluster this machine is part of;
+    ``ray://HOST:10001`` connects through Ray Client. ``stages`` keys are stage names (and
+    ``catalog``); a stage not named asks for one CPU and the GPUs of its engines.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)  # local instance only
+    num_gpus: int | None = Field(None, ge=0)  # local instance only
+    max_retries: int = Field(3, ge=0)  # Ray reruns of a task whose worker process died
+    stages: dict[str, RayStageResources] = Field(default_factory=dict)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, value: dict[str, RayStageResources]) -> dict[str, RayStageResources]:
+        from pedsynth.tasks.stages import STAGES
+
+        known = ["catalog", *(s.name for s in STAGES)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"no stage named {unknown[0]!r}; known: {', '.join(known)}")
+        return value
+
+
 class BuildConfig(StrictModel):
     """A build: its sources, where it goes, how it runs, and one section per stage.
 
     A stage with an optional section (caption, rewrite, ...) runs when its section is present;
     ingest and write always run. ``runner`` chooses the Prefect task runner (``thread``: a
-    bounded thread pool of ``workers`` threads).
+    bounded thread pool of ``workers`` threads; ``ray``: prefect-ray's RayTaskRunner, set up
+    by the ``ray`` section).
     """
 
     name: str = "pedsynth"
     sources: list[SourceConfig] = Field(default_factory=list)
     out: str = "out/pedsynth"
     shard_rows: Annotated[int, Field(gt=0)] = 1_000
-    runner: Literal["thread"] = "thread"
+    runner: Literal["thread", "ray"] = "thread"
     workers: Annotated[int, Field(ge=1, le=256)] = 4
+    ray: RayConfig = RayConfig()  # read by runner: ray only
     seed: int = 0
     # A model stage whose share of failed requests (engine or transport failures, not quality
     # rejects) exceeds this fails the build; below it, the build warns.
@@ -99,6 +164,7 @@ class BuildConfig(StrictModel):
     ingest: IngestConfig = IngestConfig()
     caption: CaptionConfig | None = None
     rewrite: RewriteConfig | None = None
+    edit: EditConfig | None = None
     faithfulness: FaithfulnessConfig | None = None
     score: ScoreConfig | None = None
     memory: MemoryConfig | None = None

@@ -41,6 +41,8 @@ class StageCounts(_Record):
     failed: int = 0  # of those, failures (the engine could not answer), not quality rejects
     prompt_tokens: int = 0  # tokens of the prompts sent (where the engine reports them)
     completion_tokens: int = 0  # tokens generated, every draft (kept or not)
+    # Model cache loads during the stage: worker (host:pid) -> engine -> loads (runners.py)
+    engine_loads: dict[str, dict[str, int]] = Field(default_factory=dict)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

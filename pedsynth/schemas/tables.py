@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: fact_conflicts
 
 CAPTION_SOURCES = ("original", "mllm", "rewrite", "edit")
 SPLITS = ("train", "val", "test")
@@ -27,6 +27,10 @@ EDIT_TYPE = pa.struct(
         ("reference_image_id", pa.string()),  # set when the reference is an image
         ("method", pa.string()),  # e.g. "inpaint", "instruct-pix2pix"
         ("strength", pa.float32()),
+        ("original", pa.string()),  # the replaced value, e.g. "red"
+        ("mask", pa.string()),  # the mask backend used: procedural | box
+        ("model", pa.string()),  # the diffusion model, diffusers:model@revision
+        ("seed", pa.int64()),  # the diffusion seed of this edit
     ]
 )
 
@@ -47,7 +51,8 @@ PAIRS_SCHEMA = pa.schema(
         pa.field("generator", pa.string(), nullable=False),  # backend:model@revision
         pa.field("prompt_hash", pa.string()),
         pa.field("seed", pa.int64()),
-        pa.field("faithfulness", pa.float32()),
+        pa.field("faithfulness", pa.float32()),  # cosine to the parent caption
+        pa.field("fact_conflicts", pa.list_(pa.string())),  # [] facts agree, null not checked
         pa.field("clip_score", pa.float32()),
         pa.field("tokens", pa.list_(pa.string())),
         pa.field("token_noise", pa.list_(pa.float32())),

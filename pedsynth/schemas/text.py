@@ -176,14 +176,27 @@ class _GeneratedText(StrictModel):
 
 
 class CaptionConfig(_GeneratedText):
-    """MLLM captioning with template-based diversity (MLLM4Text-ReID)."""
+    """MLLM captioning with template-based diversity (MLLM4Text-ReID), or with MLLMReID's
+    common instruction (``instruction: common``: one continuation prompt for every image)."""
 
     engine: EngineConfig
     captions_per_image: int = Field(2, ge=1, le=32)  # K
     only_uncaptioned: bool = False  # caption only images that have no caption yet
+    instruction: Literal["task", "common"] = "task"
     template_share: float = Field(0.5, ge=0, le=1)  # requests carrying a template; 0 = static
+    templates: str | None = None  # template file (pedsynth learn-templates); None = the 46
     max_retries: int = Field(2, ge=0, le=10)  # regenerations of an output that fails a check
     reject_truncated: bool = True  # an output cut off at max_tokens counts as too long
+
+    @model_validator(mode="after")
+    def _common_has_no_templates(self) -> CaptionConfig:
+        explicit = "template_share" in self.model_fields_set
+        if self.instruction == "common" and explicit and self.template_share:
+            raise ValueError(
+                "instruction: common sends one prompt to every image; "
+                "template_share does not apply (leave it out)"
+            )
+        return self
 
 
 class RewriteConfig(_GeneratedText):
@@ -196,14 +209,17 @@ class RewriteConfig(_GeneratedText):
     )
     max_retries: int = Field(2, ge=0, le=10)  # R: regenerations, for any failed check
     reject_truncated: bool = True
-    alpha: float | None = Field(0.6, ge=-1, le=1)  # faithfulness threshold; None = no filter
+    alpha: float | None = Field(0.6, ge=-1, le=1)  # embedding threshold; None = no cosine check
+    attributes: bool = True  # the lexicon's fact check (pedsynth.tasks.faithfulness.judge)
     embedder: EmbedderConfig = EmbedderConfig()
 
 
 class FaithfulnessConfig(StrictModel):
-    """LLM-DA's text faithfulness filter for derived captions produced elsewhere (edits)."""
+    """LLM-DA's text faithfulness filter, plus the lexicon's fact check (``attributes``), for
+    derived captions produced elsewhere (edits)."""
 
     alpha: float = Field(0.6, ge=-1, le=1)
+    attributes: bool = True
     sources: list[Literal["mllm", "rewrite", "edit"]] = Field(
         default_factory=lambda: ["rewrite", "edit"]
     )

@@ -26,6 +26,11 @@ class ModelConfig(StrictModel):
     checkpoint; pickles are never loaded), or null for random initialisation. Images keep
     their aspect ratio, padded (``resize_mode: pad``) or centre-cropped (``crop``) to
     ``image_size``, as in the score and memory stages.
+
+    ``text_stream``: ``clip`` (the CLIP text transformer, fine-tuned) or ``bigru``
+    (TextReID's: a BiGRU of ``gru_hidden`` units per direction over frozen CLIP word vectors
+    looked up in a dictionary built once from the training captions, max-pooled, projected;
+    see :mod:`pedsynth.train.text_stream`). The image tower is the same for both.
     """
 
     name: str = "pedsynth-tiny-clip-small"
@@ -33,6 +38,9 @@ class ModelConfig(StrictModel):
     image_size: tuple[int, int] | None = None  # (height, width); default: the architecture's
     resize_mode: Literal["pad", "crop"] = "pad"
     context_length: int = Field(77, ge=8, le=512)
+    text_stream: Literal["clip", "bigru"] = "clip"
+    gru_hidden: int = Field(512, ge=1)
+    gru_layers: int = Field(1, ge=1)
 
 
 class AugmentConfig(StrictModel):
@@ -55,11 +63,20 @@ class LossConfig(StrictModel):
     moco_queue: int = Field(2048, ge=1)
     moco_tau: float = Field(0.07, gt=0)
     moco_weight: float = Field(1.0, ge=0)
+    # MLLMReID-style re-identification losses on the image features alone: identity
+    # cross-entropy (the shared classifier) and batch-hard triplet (Hermans et al.).
+    image_id: bool = False
+    image_id_weight: float = Field(1.0, ge=0)
+    image_triplet: bool = False
+    triplet_margin: float = Field(0.3, ge=0)
+    triplet_weight: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _some_loss(self) -> LossConfig:
-        if not (self.sdm or self.id or self.cm_moco):
-            raise ValueError("no loss is on: enable at least one of sdm, id, cm_moco")
+        if not (self.sdm or self.id or self.cm_moco or self.image_id or self.image_triplet):
+            raise ValueError(
+                "no loss is on: enable at least one of sdm, id, cm_moco, image_id, image_triplet"
+            )
         return self
 
 
@@ -94,6 +111,9 @@ class EvalConfig(StrictModel):
     rerank: bool = False  # also report k-reciprocal re-ranked metrics
     rerank_k: int = Field(5, ge=1)
     rerank_weight: float = Field(0.05, ge=0)
+    # Image→image re-identification (each image a query against the split's other images):
+    # i2i_* metrics beside the text→image ones.
+    i2i: bool = True
     # RAR: a vision-language engine re-ranks each test query's top 10 (index order kept where
     # its answer cannot be parsed); adds rar_* metrics and the parse-failure rate.
     rerank_model: EngineConfig | None = None

@@ -3,8 +3,13 @@ Diversity Enhancement).
 
 Each request carries either the static instruction or the template-guided one with a template
 from the bank; which one, and which template, is drawn from (seed, image_id, k) alone, so a
-rerun asks the same questions. Outputs go through the shared regenerate loop
-(:mod:`pedsynth.tasks.regenerate`) with the generic caption checks
+rerun asks the same questions. With ``instruction: common`` every request carries MLLMReID's
+Common Instruction instead: one prompt for every image that ends in the opening of a caption
+(``caption_common.txt``'s last line), which the model continues; the caption is that opening
+plus the continuation (unless the model repeated the opening itself).
+
+Outputs go through the shared regenerate loop (:mod:`pedsynth.tasks.regenerate`) with the
+generic caption checks
 (:func:`pedsynth.tasks.text_checks.check_generated`): a failed output is asked again with a new
 sampling seed, up to ``max_retries`` times; each discarded draft becomes a reject row
 ``regenerated:<reason>`` and an output still failing after the last try a reject row
@@ -32,7 +37,7 @@ from pedsynth.prompts import content_hash, load_prompt, load_templates
 from pedsynth.schemas.base import shaping_dump
 from pedsynth.schemas.tables import PAIRS_SCHEMA, pairs_table, rejects_table, stable_id
 from pedsynth.schemas.text import CaptionConfig
-from pedsynth.tasks.regenerate import Draft, Slot, regenerate
+from pedsynth.tasks.regenerate import Check, Draft, Slot, regenerate
 from pedsynth.tasks.shards import with_requests
 from pedsynth.tasks.text_checks import generated_text_check
 
@@ -65,13 +70,18 @@ class CaptionStage:
         self.config, self.seed = config, seed
         self.static = load_prompt("caption_static")
         self.guided = load_prompt("caption_template")
-        self.bank = load_templates()
+        self.common = load_prompt("caption_common")
+        self.bank = load_templates(config.templates)  # None: the packaged bank
 
     def fingerprint_parts(self) -> dict[str, Any]:
         return {
             "config": shaping_dump(self.config),
             "generator": self.config.engine.generator_id,
-            "prompts": {"static": self.static.hash, "template": self.guided.hash},
+            "prompts": {
+                "static": self.static.hash,
+                "template": self.guided.hash,
+                "common": self.common.hash,
+            },
             "templates": self.bank.hash,
             "seed": self.seed,
         }
@@ -79,6 +89,8 @@ class CaptionStage:
     # ------------------------------------------------------------------ planning
 
     def _job(self, image_row: dict[str, Any], k: int) -> _Job:
+        if self.config.instruction == "common":
+            return _Job(image_row, k, None, self.common.text, self.common.hash)
         image_id = image_row["image_id"]
         draw = derive_seed(self.seed, image_id, k, "template?") / 0x7FFFFFFF
         if draw < self.config.template_share and len(self.bank):
@@ -113,9 +125,22 @@ class CaptionStage:
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
+        return self._run(table, base=table, only=None)
+
+    def retry(
+        self, table: pa.Table, earlier: pa.Table, failed: frozenset[str]
+    ) -> tuple[pa.Table, pa.Table]:
+        """Send again only the caption slots in ``failed``; keep ``earlier``'s rows."""
+        table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
+        return self._run(table, base=earlier.cast(PAIRS_SCHEMA), only=failed)
+
+    def _run(
+        self, table: pa.Table, *, base: pa.Table, only: frozenset[str] | None
+    ) -> tuple[pa.Table, pa.Table]:
         cfg = self.config
         per_image = range(cfg.captions_per_image)
-        slots = [self._slot(self._job(row, k)) for row in self._images(table) for k in per_image]
+        jobs = [self._job(row, k) for row in self._images(table) for k in per_image]
+        slots = [self._slot(job) for job in jobs if only is None or job.source in only]
         generator = get_generator(cfg.engine, "vision") if slots else None
         done = regenerate(
             slots,
@@ -123,7 +148,7 @@ class CaptionStage:
             stage=self.name,
             seed=self.seed,
             max_retries=cfg.max_retries,
-            checks=[generated_text_check(cfg)],
+            checks=self._checks(),
             describe=_describe,
         )
         new_rows = [
@@ -131,12 +156,18 @@ class CaptionStage:
             for kept in done.kept
         ]
         output = with_requests(
-            self._output(table, new_rows),
+            self._output(base, new_rows),
             len(slots),
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
         )
         return output, rejects_table(done.rejects)
+
+    def _checks(self) -> list[Check]:
+        checks = [generated_text_check(self.config)]
+        if self.config.instruction == "common":
+            checks.insert(0, continuation_of(self.common.text.rsplit("\n", 1)[-1]))
+        return checks
 
     @staticmethod
     def _slot(job: _Job) -> Slot[_Job]:
@@ -177,6 +208,20 @@ class CaptionStage:
         )
         kept = table.filter(pc.invert(placeholder))
         return pa.concat_tables([kept, pairs_table(new_rows)])
+
+
+def continuation_of(opening: str) -> Check:
+    """The caption a continuation of ``opening`` makes: the opening, then the model's text
+    (as it is when the model started with the opening itself)."""
+    opening = opening.strip()
+
+    def check(draft: Draft[Any], text: str) -> str:
+        text = text.strip()
+        if text.lower().startswith(opening.lower()):
+            return text
+        return f"{opening} {text}" if text else text
+
+    return check
 
 
 def _describe(draft: Draft[_Job]) -> tuple[dict[str, Any], str]:

@@ -19,6 +19,7 @@ import yaml
 
 from pedsynth.schemas.tables import PAIRS_SCHEMA
 from pedsynth.tasks.card_stats import SPLIT_COUNT_KEYS, BuildStats, SplitCounts
+from pedsynth.tasks.image_metadata import policy_note
 
 HF_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
 """pedsynth split -> the name ``datasets`` uses (it knows ``validation``, not ``val``)."""
@@ -193,7 +194,8 @@ def sources_section(config: Mapping[str, Any]) -> str:
         else:
             rows.append([str(s), MISSING, MISSING, ""])
     body = table(["name", "format", "path", "split"], rows) if rows else "None."
-    return f"## Sources\n\n{body}\n"
+    note = policy_note(config.get("ingest") or {})
+    return f"## Sources\n\n{body}\n" + (f"\n{note}\n" if note else "")
 
 
 def splits_section(
@@ -296,6 +298,43 @@ def captions_section(stats: BuildStats) -> str:
         "*type/token*: distinct words over all words (lower-cased, punctuation dropped); "
         "*mllm (static)* / *mllm (template)*: MLLM captions from the static instruction / "
         "from a sentence-pattern template; *templates used*: distinct templates.\n"
+        + diversity_section(stats)
+    )
+
+
+def diversity_section(stats: BuildStats) -> str:
+    """Distinct openings, fixed-size TTR, Self-BLEU and templates per caption source
+    (:mod:`pedsynth.diversity`), so MLLM captions compare with the originals."""
+    rows = []
+    for label, acc in [*stats.by_source.items(), ("**all**", stats.all_captions)]:
+        d = acc.diversity.summary()
+        ttr = f"{d['ttr']:.3f}" + ("" if d["ttr_windows"] else " (all words)")
+        rows.append(
+            [
+                label,
+                fmt(d["captions"]),
+                fmt(d["distinct_openings"]),
+                ttr,
+                f"{d['self_bleu']:.3f}" if d["bleu_sample"] >= 2 else MISSING,
+                fmt(d["templates_used"]) if d["templates_used"] else MISSING,
+            ]
+        )
+    header = [
+        "caption_source",
+        "captions",
+        "distinct openings",
+        "TTR@1000",
+        "Self-BLEU",
+        "templates",
+    ]
+    return (
+        "\n### Diversity\n\n"
+        + table(header, rows, "lrrrrr")
+        + "\n\n*TTR@1000*: mean type/token ratio over consecutive 1,000-word windows of a "
+        "seeded sample of up to 2,000 captions (sizes compare; *(all words)* when the sample "
+        "has fewer than 1,000 words); *Self-BLEU*: mean BLEU-4 of each of up to 500 sampled "
+        "captions against the others (lower = more diverse; 1 = all alike); "
+        "*templates*: distinct template ids (`pedsynth.diversity`).\n"
     )
 
 

@@ -41,6 +41,12 @@ def caption_words(caption: str) -> list[str]:
     return _WORD_RE.findall(caption.lower())
 
 
+def _diversity_sample() -> Any:
+    from pedsynth.diversity import DiversitySample  # it imports caption_words from here
+
+    return DiversitySample()
+
+
 @dataclass
 class CaptionStats:
     """Caption statistics gathered batch by batch, so no split is held in memory whole."""
@@ -51,10 +57,12 @@ class CaptionStats:
     types: set[str] = field(default_factory=set)
     tokens: int = 0
     templates: set[str] = field(default_factory=set)  # template ids of template-guided captions
+    diversity: Any = field(default_factory=lambda: _diversity_sample())  # pedsynth.diversity
 
     def add(self, caption: str, template_id: str | None = None) -> None:
         if template_id:
             self.templates.add(template_id)
+        self.diversity.add(caption, template_id)
         words = caption_words(caption)
         self.lengths.append(len(words))
         self.chars += len(caption)

@@ -3,8 +3,10 @@
 Shared by :func:`pedsynth.tasks.ingest.load_images` (files on disk) and
 :func:`pedsynth.tasks.ingest.verify_pairs` (bytes from existing shards). Limits come from the
 header before any pixel is decoded; then the image is decoded in full, with Pillow's
-``LOAD_TRUNCATED_IMAGES`` held off, because ``verify()`` alone misses truncation. JPEGs are kept
-byte for byte; anything else is converted once to RGB in the configured format.
+``LOAD_TRUNCATED_IMAGES`` held off, because ``verify()`` alone misses truncation. JPEGs keep
+their compressed pixels byte for byte (metadata stripped losslessly unless
+``ingest.strip_metadata`` is off; see :mod:`pedsynth.tasks.image_metadata`); CMYK JPEGs,
+JPEGs to turn upright and anything else are converted once to RGB in the configured format.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pedsynth.schemas.config import IngestConfig
+from pedsynth.tasks.image_metadata import orientation, strip_jpeg
 from pedsynth.tasks.ingest_rejects import SHOWN_CHARS, Rejection
 
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: camera JPEGs with extra frames appended
@@ -32,7 +35,7 @@ class CheckedImage(NamedTuple):
 
     width: int
     height: int
-    data: bytes  # JPEG: the input bytes untouched; anything else: converted once
+    data: bytes  # JPEG: the input's scans untouched (metadata stripped); others: converted once
     path: str  # the input name, with the extension of the stored format
 
 
@@ -76,9 +79,10 @@ def check_image(data: bytes, name: str, cfg: IngestConfig) -> CheckedImage | Rej
     """Verify one image's bytes and give what to store, or why it is rejected.
 
     Size limits are checked from the header before anything is decoded, then the image is
-    decoded in full (``verify()`` misses truncation). JPEG bytes are kept as they are; other
-    formats are converted once to RGB ``cfg.convert_format``. ``name`` is the image's path as the
-    source names it; the stored path gets the stored format's extension.
+    decoded in full (``verify()`` misses truncation). JPEG scans are kept as they are (metadata
+    stripped losslessly when ``cfg.strip_metadata``); other formats, CMYK JPEGs and JPEGs to
+    turn upright are converted once to RGB ``cfg.convert_format``. ``name`` is the image's path
+    as the source names it; the stored path gets the stored format's extension.
     """
     if not data:
         return Rejection("empty_file", f"{name}: 0 bytes")
@@ -123,19 +127,39 @@ def _decode_failure(exc: Exception, name: str) -> Rejection:
 
 
 def _stored(img: Image.Image, data: bytes, name: str, cfg: IngestConfig) -> CheckedImage:
-    """What to store for a decoded image: JPEG as is, anything else converted once."""
-    width, height = img.size
-    if img.format in _JPEG_FORMATS:
-        jpeg_name = name if name.lower().endswith((".jpg", ".jpeg")) else _with_suffix(name, ".jpg")
-        return CheckedImage(width, height, data, jpeg_name)
+    """What to store for a decoded image: JPEG scans as they are, anything else converted once.
+
+    The metadata policy is :mod:`pedsynth.tasks.image_metadata`'s.
+    """
+    is_jpeg = img.format in _JPEG_FORMATS
+    jpeg_name = name if name.lower().endswith((".jpg", ".jpeg")) else _with_suffix(name, ".jpg")
+    if is_jpeg and img.mode in ("RGB", "L"):
+        if not cfg.strip_metadata:
+            return CheckedImage(img.width, img.height, data, jpeg_name)
+        stripped = strip_jpeg(data) if _orientation(img) == 1 else None
+        if stripped is not None:
+            return CheckedImage(img.width, img.height, stripped, jpeg_name)
+        # to turn upright, or a marker stream the stripper does not follow: re-encoded once
+    # Pillow copies a JPEG comment from the source unless told otherwise
+    kept = {"exif": b"", "comment": b""} if cfg.strip_metadata else {"exif": img.info.get("exif")}
+    if cfg.strip_metadata and _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
     out = io.BytesIO()
-    if cfg.convert_format == "jpeg":
-        _to_rgb(img).save(out, "JPEG", quality=cfg.jpeg_quality)
-        suffix = ".jpg"
+    if is_jpeg or cfg.convert_format == "jpeg":  # a JPEG stays a JPEG (CMYK/YCCK, upright)
+        _to_rgb(img).save(out, "JPEG", quality=cfg.jpeg_quality, **kept)
+        stored_name = jpeg_name if is_jpeg else _with_suffix(name, ".jpg")
     else:
         _to_rgb(img).save(out, "PNG")
-        suffix = ".png"
-    return CheckedImage(width, height, out.getvalue(), _with_suffix(name, suffix))
+        stored_name = _with_suffix(name, ".png")
+    return CheckedImage(img.width, img.height, out.getvalue(), stored_name)
+
+
+def _orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation; 1 (upright) when its EXIF is absent or does not parse."""
+    try:
+        return orientation(img.getexif())
+    except Exception:  # a damaged EXIF block is metadata to drop, not a reason to reject
+        return 1
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -20,6 +20,7 @@ errors (a table with the wrong schema). Nothing here imports Prefect.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -41,8 +42,15 @@ from pedsynth.tasks.ingest_rejects import (
     Rejection,
     as_text,
     ingest_reject,
+    show,
 )
-from pedsynth.tasks.readers import IMAGE_EXTENSIONS, read_catalog
+from pedsynth.tasks.readers import (
+    IMAGE_EXTENSIONS,
+    image_root_of,
+    leaves_root,
+    read_catalog,
+    real_root,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -85,8 +93,11 @@ def load_images(catalog: pa.Table, cfg: IngestConfig) -> tuple[pa.Table, pa.Tabl
     _require_catalog(catalog)
     pairs: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
+    roots: dict[Path, str] = {}
     for entry in catalog.to_pylist():
-        image = read_image_file(entry["image_path"], entry["rel_path"], cfg)
+        image = _outside_root(entry, roots) or read_image_file(
+            entry["image_path"], entry["rel_path"], cfg
+        )
         if isinstance(image, Rejection):
             rejects.append(ingest_reject(image, entry["source"], entry))
             continue
@@ -94,6 +105,19 @@ def load_images(catalog: pa.Table, cfg: IngestConfig) -> tuple[pa.Table, pa.Tabl
         rejects.extend(caption_rejects)
         pairs.extend(_pair_rows(entry, image, captions))
     return pairs_table(pairs), rejects_table(rejects)
+
+
+def _outside_root(entry: dict[str, Any], roots: dict[Path, str]) -> Rejection | None:
+    """Refuse a catalogue row whose image resolves outside its dataset root, before opening it.
+
+    :func:`read_catalog` refused such records already; this repeats the check at the moment the
+    file is opened, for links changed since the catalogue was made.
+    """
+    image_root = image_root_of(entry["image_path"], entry["rel_path"])
+    if image_root not in roots:
+        roots[image_root] = real_root(image_root)
+    why = leaves_root(entry["rel_path"], image_root, roots[image_root])
+    return None if why is None else Rejection("outside_root", f"{show(entry['rel_path'])}: {why}")
 
 
 def _check_captions(

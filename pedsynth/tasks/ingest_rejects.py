@@ -19,6 +19,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "malformed_json",  # annotation file is not JSON, or its top level is not a list
     "bad_record",  # a record with missing keys or fields of the wrong type
     "duplicate_image",  # a second record for the same image file
+    "outside_root",  # the image path (``..``, absolute, or a symbolic link) leaves the dataset
     # load_images / verify_pairs
     "missing_file",
     "unreadable_file",  # the file exists but cannot be read (permissions, I/O error)

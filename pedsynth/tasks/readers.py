@@ -5,6 +5,13 @@ RSTPReid ``data_captions.json`` list one record per image; a ``folder`` source i
 identity per sub-folder or one per image. Only the annotation file is read, no image is opened:
 the catalogue is cheap, and :func:`pedsynth.tasks.ingest.load_images` opens the images later in
 chunks. What a record gets wrong becomes a reject row, never an exception.
+
+Every image path must stay inside its dataset root (the ``imgs/`` folder beside an annotation
+file, or the folder of a ``folder`` source) once resolved: a record path with ``..`` or an
+absolute one, or one that reaches outside through a symbolic link (a link to a file, or a
+linked directory on the way), is rejected ``outside_root`` before anything is opened; the
+detail names the record's path, never what the link points at. Links that stay inside are
+followed. :func:`pedsynth.tasks.ingest.load_images` checks again right before it opens a file.
 """
 
 from __future__ import annotations
@@ -131,6 +138,7 @@ def _read_annotation(annotation: Path, label: str, path_key: str) -> tuple[pa.Ta
         reject = ingest_reject(Rejection("malformed_json", error), file_source)
         return CATALOG_SCHEMA.empty_table(), rejects_table([reject])
     image_root = annotation.parent / "imgs"
+    root = real_root(image_root)
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     first_seen: dict[str, int] = {}
@@ -142,6 +150,11 @@ def _read_annotation(annotation: Path, label: str, path_key: str) -> tuple[pa.Ta
             rejects.append(ingest_reject(Rejection("bad_record", "; ".join(problems)), where, ids))
             continue
         rel_path = fields["rel_path"]
+        outside = leaves_root(rel_path, image_root, root)
+        if outside is not None:
+            detail = f"{path_key} {show(rel_path)}: {outside}"
+            rejects.append(ingest_reject(Rejection("outside_root", detail), where, ids))
+            continue
         if rel_path in first_seen:
             detail = (
                 f"{path_key} {show(rel_path)} is already listed by record {first_seen[rel_path]}"
@@ -206,10 +219,37 @@ def _parse_rel_path(value: object) -> tuple[str | None, str | None]:
         return None, "expected a non-empty string"
     if not is_utf8(value) or "\x00" in value:
         return None, "not a valid file name"
-    parts = PurePosixPath(value.replace("\\", "/"))
-    if parts.is_absolute() or ".." in parts.parts:
-        return None, "the path leaves the image folder"
     return value, None
+
+
+def real_root(root: str | Path) -> str:
+    """The real path of a dataset root (links resolved), to test image paths against."""
+    return os.path.realpath(root)
+
+
+def is_inside(real_path: str, root: str) -> bool:
+    """Whether ``real_path`` (already resolved) is ``root`` (a :func:`real_root`) or under it."""
+    return real_path == root or real_path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def leaves_root(rel_path: str, image_root: Path, root: str) -> str | None:
+    """Why ``rel_path`` under ``image_root`` leaves the dataset ``root``; None when it stays.
+
+    ``..`` parts and absolute paths are refused as written; the rest is resolved, following
+    every symbolic link on the way (a loop resolves to a path that then fails to open).
+    """
+    parts = PurePosixPath(rel_path.replace("\\", "/"))
+    if parts.is_absolute() or ".." in parts.parts:
+        return "the path leaves the image folder"
+    if not is_inside(os.path.realpath(image_root / rel_path), root):
+        return "the path leads out of the image folder through a symbolic link"
+    return None
+
+
+def image_root_of(image_path: str, rel_path: str) -> Path:
+    """The dataset root a catalogue row's ``image_path`` was built from (``root / rel_path``)."""
+    depth = len(Path(rel_path).parts)
+    return Path(image_path).parents[depth - 1] if depth else Path(image_path)
 
 
 def _parse_split(value: object) -> tuple[str | None, str | None]:
@@ -249,15 +289,57 @@ def _catalog_captions(
     return captions, rejects
 
 
-def _image_files(root: Path) -> list[str]:
-    """Relative POSIX paths of the image files under ``root``, sorted; hidden entries skipped."""
+def _image_files(root: Path) -> tuple[list[str], list[str]]:
+    """Image files under ``root``, sorted, and the entries whose links lead out of it.
+
+    Both as relative POSIX paths; hidden entries are skipped. Symbolic links are followed
+    while they stay inside ``root``; a link that leads out is not followed and is returned in
+    the second list. A directory is listed once: under its own name when the walk reaches it
+    without a link, else under the first link that leads to it (so a link loop ends).
+    """
+    top = real_root(root)
     found: list[str] = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(folder, name).relative_to(root).as_posix())
-    return sorted(found, key=lambda rel: rel.split("/"))
+    outside: list[str] = []
+    seen: set[str] = set()
+    # (folder to list, its real path, its relative prefix); a linked folder waits until every
+    # folder reachable without a link has been seen
+    pending = [(str(root), top, "")]
+    linked: list[tuple[str, str, str]] = []
+    while pending or linked:
+        folder, folder_real, prefix = pending.pop() if pending else linked.pop(0)
+        if folder_real in seen:
+            continue
+        seen.add(folder_real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # an unreadable sub-folder lists nothing, as os.walk does
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = prefix + entry.name
+            is_image = Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+            if not entry.is_symlink():
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, os.path.join(folder_real, entry.name), rel + "/"))
+                elif is_image:
+                    found.append(rel)
+                continue
+            real = os.path.realpath(entry.path)
+            is_dir = os.path.isdir(real)
+            if not (is_dir or is_image):
+                continue
+            if not is_inside(real, top):
+                outside.append(rel)
+            elif is_dir:
+                linked.append((entry.path, real, rel + "/"))
+            else:
+                found.append(rel)
+    return sorted(found, key=_path_parts), sorted(outside, key=_path_parts)
+
+
+def _path_parts(rel: str) -> list[str]:
+    return rel.split("/")
 
 
 def _read_folder(source: SourceConfig) -> tuple[pa.Table, pa.Table]:
@@ -269,7 +351,12 @@ def _read_folder(source: SourceConfig) -> tuple[pa.Table, pa.Table]:
     label = source.label
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
-    for rel_path in _image_files(root):
+    found, outside = _image_files(root)
+    for rel_path in outside:
+        detail = f"{show(rel_path)}: a symbolic link that leads out of the source folder"
+        where = f"{label}:{as_text(rel_path)}"
+        rejects.append(ingest_reject(Rejection("outside_root", detail), where))
+    for rel_path in found:
         where = f"{label}:{rel_path}"
         if not is_utf8(rel_path):
             shown = as_text(rel_path)

@@ -4,13 +4,17 @@ filter runs inside its loop.
 Each selected caption (``sources``, default the originals) gets K requests with the rewrite
 instruction; the sampling seed comes from (seed, parent pair_id, k, attempt). A draft must pass
 the generic checks (:func:`pedsynth.tasks.text_checks.check_generated`), differ from its
-parent, and, when ``alpha`` is set, have a sentence-embedding cosine with its parent of at least
-``alpha`` (one embedder call per round, :func:`faithfulness_check`). The shared regenerate
-loop (:mod:`pedsynth.tasks.regenerate`) asks a failed draft again, up to ``max_retries`` (R)
-times: each discarded draft is a reject row ``regenerated:<reason>`` and a slot that still
-fails a reject row ``<reason>`` (``unfaithful`` for the filter). Passing rows carry their score in
-``faithfulness``. The filter lives here because regenerating needs the rewrite engine; the
-separate ``faithfulness`` stage filters captions made elsewhere (edit re-annotations).
+parent, and pass the faithfulness filter (:func:`pedsynth.tasks.faithfulness.judge`, the same
+one the faithfulness stage runs): when ``alpha`` is set a sentence-embedding cosine with its
+parent of at least ``alpha`` (one embedder call per round), and when ``attributes`` is on no
+fact conflict with its parent (``contradicts:upper_colour``, ``adds:bag``, ...). The shared
+regenerate loop (:mod:`pedsynth.tasks.regenerate`) asks a failed draft again, up to
+``max_retries`` (R) times: each discarded draft is a reject row ``regenerated:<reason>`` and a
+slot that still fails a reject row ``<reason>`` (``unfaithful`` for the cosine, the first fact
+conflict for the attributes). Passing rows carry their cosine in ``faithfulness`` and
+``fact_conflicts = []`` when the attributes were checked. The filter runs here because
+regenerating needs the rewrite engine; the separate ``faithfulness`` stage filters captions made
+elsewhere (edit re-annotations).
 
 Rows: ``caption_source=rewrite``, ``parent_id`` = the parent's pair_id, image columns copied
 from the parent, ``pair_id = stable_id(parent_id, "rewrite", k, caption)``.
@@ -18,29 +22,20 @@ from the parent, ``pair_id = stable_id(parent_id, "rewrite", k, caption)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pedsynth.engines.embedder import SentenceEmbedder, get_embedder
+from pedsynth.engines.embedder import get_embedder
 from pedsynth.engines.text import ChatRequest, get_generator
 from pedsynth.prompts import load_prompt
 from pedsynth.schemas.base import shaping_dump
 from pedsynth.schemas.tables import PAIRS_SCHEMA, pairs_table, rejects_table, stable_id
 from pedsynth.schemas.text import RewriteConfig
-from pedsynth.tasks.regenerate import (
-    BatchCheck,
-    Check,
-    Draft,
-    Rejected,
-    Scored,
-    Slot,
-    Verdict,
-    regenerate,
-)
+from pedsynth.tasks.faithfulness import faithfulness_check
+from pedsynth.tasks.regenerate import BatchCheck, Check, Draft, Rejected, Slot, regenerate
 from pedsynth.tasks.shards import with_requests
 from pedsynth.tasks.text_checks import generated_text_check
 
@@ -81,23 +76,6 @@ def _changed(draft: Draft[_Job], text: str) -> str | Rejected:
     return text
 
 
-def faithfulness_check(embedder: SentenceEmbedder, alpha: float) -> BatchCheck:
-    """LLM-DA's filter over a round: cosine of each draft with its parent, at least ``alpha``;
-    the whole round is embedded in one call."""
-
-    def check(drafts: Sequence[Draft[_Job]], texts: Sequence[str]) -> list[Verdict]:
-        parents = [d.payload.parent["caption"] for d in drafts]
-        sims = embedder.pair_similarity(list(texts), parents)
-        return [
-            Scored(text, sim)
-            if sim >= alpha
-            else Rejected("unfaithful", f"cosine {sim:.3f} < alpha {alpha} to its parent")
-            for text, sim in zip(texts, sims.tolist(), strict=True)
-        ]
-
-    return BatchCheck(check)
-
-
 class RewriteStage:
     name = "rewrite"
 
@@ -131,15 +109,29 @@ class RewriteStage:
     def _checks(self, with_filter: bool) -> list[Check | BatchCheck]:
         cfg = self.config
         checks: list[Check | BatchCheck] = [generated_text_check(cfg), _changed]
-        if with_filter:
-            checks.append(faithfulness_check(get_embedder(cfg.embedder), cfg.alpha))
+        if with_filter and (cfg.alpha is not None or cfg.attributes):
+            embedder = get_embedder(cfg.embedder) if cfg.alpha is not None else None
+            checks.append(faithfulness_check(embedder, cfg.alpha, cfg.attributes))
         return checks
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
+        return self._run(table, base=table, only=None)
+
+    def retry(
+        self, table: pa.Table, earlier: pa.Table, failed: frozenset[str]
+    ) -> tuple[pa.Table, pa.Table]:
+        """Send again only the rewrite slots in ``failed``; keep ``earlier``'s rows."""
+        table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
+        return self._run(table, base=earlier.cast(PAIRS_SCHEMA), only=failed)
+
+    def _run(
+        self, table: pa.Table, *, base: pa.Table, only: frozenset[str] | None
+    ) -> tuple[pa.Table, pa.Table]:
         cfg = self.config
         per_parent = range(cfg.rewrites_per_caption)
-        slots = [self._slot(_Job(p, k)) for p in self._parents(table) for k in per_parent]
+        jobs = [_Job(p, k) for p in self._parents(table) for k in per_parent]
+        slots = [self._slot(job) for job in jobs if only is None or job.source in only]
         generator = get_generator(cfg.engine, "text") if slots else None
         done = regenerate(
             slots,
@@ -147,7 +139,7 @@ class RewriteStage:
             stage=self.name,
             seed=self.seed,
             max_retries=cfg.max_retries,
-            checks=self._checks(with_filter=bool(slots) and cfg.alpha is not None),
+            checks=self._checks(with_filter=bool(slots)),
             describe=_describe,
         )
         new_rows = [
@@ -156,7 +148,7 @@ class RewriteStage:
             )
             for kept in done.kept
         ]
-        output = pa.concat_tables([table, pairs_table(new_rows)])
+        output = pa.concat_tables([base, pairs_table(new_rows)])
         output = with_requests(
             output,
             len(slots),
@@ -186,6 +178,7 @@ class RewriteStage:
             "prompt_hash": self.prompt.hash,
             "seed": seed,
             "faithfulness": score,
+            "fact_conflicts": [] if self.config.attributes else None,
             "edit": parent["edit"],
         }
 

@@ -2,8 +2,9 @@
 
 A source's catalogue (one row per image record, no pixels) is fingerprinted by its content, so
 an edited annotation file is noticed and an unchanged one is reused. Chunks cut the catalogue
-into pieces of about ``shard_rows`` pairs; each chunk's fingerprint also covers the size and
-mtime of its image files, so a replaced image is noticed without hashing every byte.
+into pieces of about ``shard_rows`` pairs; each chunk's fingerprint also covers the size,
+mtime, inode and ctime of its image files (:func:`_stat`), so a replaced image is noticed
+without hashing every byte.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Chunk:
 
     It is the ingest stage's ``ShardInput``: ``read()`` gives the catalogue rows (or the shard's
     rows, labelled with their source in the schema metadata) and ``content_fingerprint()``
-    covers the catalogue slice and the size and mtime of each image file it names.
+    covers the catalogue slice and the :func:`_stat` of each image file it names.
     """
 
     source: str  # the source's label
@@ -167,12 +168,23 @@ def _read_rows(path: str, start: int, stop: int) -> pa.Table:
     return table.cast(CATALOG_SCHEMA).slice(start - first_row, stop - start)
 
 
-def _stat(path: str) -> tuple[int, int] | None:
+def _stat(path: str) -> tuple[int, int, int, int] | None:
+    """What an image file's fingerprint covers: size, mtime, inode and ctime (None if absent).
+
+    Size and mtime alone miss a file replaced by another of the same size whose mtime was set
+    back (``touch -r``, ``cp -p``, ``rsync -t``, an unpacked archive). The inode changes when a
+    file is replaced by a new one (``mv``, most editors and copy tools), and the ctime changes
+    on every write, rename or metadata change and cannot be set from user space, so together
+    they notice a swap without hashing each image. A symbolic link is followed: what counts is
+    the file it leads to. The safe side of this: a dataset copied or restored to another disk
+    (or moved by a tool that rewrites inodes) gets new inodes and ctimes, and its images are
+    ingested again once although their content did not change.
+    """
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def ingest_chunk(chunk: Chunk, cfg: IngestConfig, out_dir: str | Path) -> ShardResult:

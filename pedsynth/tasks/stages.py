@@ -50,6 +50,10 @@ class ShardInput(Protocol):
 
 
 class ShardStage(Protocol):
+    """A shard stage; one that asks a model may also have ``retry(table, earlier, failed)``,
+    which sends again only the slots whose ``source`` is in ``failed`` and returns the whole
+    new output (``earlier``'s rows plus the new ones) and the reject rows of those slots."""
+
     name: str
 
     def fingerprint_parts(self) -> dict[str, Any]: ...
@@ -95,6 +99,7 @@ STAGES: tuple[StageEntry, ...] = (
     StageEntry("ingest", "pedsynth.tasks.ingest_stage:build_stage", "shard", optional=False),
     StageEntry("caption", "pedsynth.tasks.caption:build_stage", "shard"),
     StageEntry("rewrite", "pedsynth.tasks.rewrite:build_stage", "shard"),
+    StageEntry("edit", "pedsynth.tasks.edit:build_stage", "shard"),
     StageEntry("faithfulness", "pedsynth.tasks.faithfulness:build_stage", "shard"),
     StageEntry("score", "pedsynth.tasks.score:build_stage", "shard"),
     StageEntry("memory", "pedsynth.tasks.memory:build_stage", "dataset"),
@@ -145,7 +150,15 @@ def run_shard_stage(
     """One shard through one stage, skipped when its fingerprinted output already exists."""
     stage = get_stage(name, section, seed)
     fp = stage_fingerprint(name, stage, shard.content_fingerprint())
-    return run_shard(out_dir, name, shard.key, fp, lambda: stage(shard.read()))
+    retry = getattr(stage, "retry", None)
+    return run_shard(
+        out_dir,
+        name,
+        shard.key,
+        fp,
+        lambda: stage(shard.read()),
+        retry=(lambda earlier, failed: retry(shard.read(), earlier, failed)) if retry else None,
+    )
 
 
 def run_dataset_stage(

@@ -58,14 +58,30 @@ def build_fingerprint(inputs: list[ShardResult], shard_rows: int, write_cfg: dic
 
 
 def finished_manifest(out_dir: str | Path, build_fp: str) -> Manifest | None:
-    """The existing manifest if it describes exactly this build and its shards are all there."""
+    """The existing manifest if it describes exactly this build and every shard it names is
+    there with the checksum it records (a damaged or replaced shard means: write again)."""
     manifest = Manifest.load(out_dir)
     if manifest is None or manifest.build_fingerprint != build_fp:
         return None
-    files = [s.path for s in manifest.shards] + manifest.rejects
-    if all((Path(out_dir) / f).exists() for f in files):
-        return manifest
-    return None
+    out = Path(out_dir)
+    if not all((out / f).exists() for f in manifest.rejects):
+        return None
+    for shard in manifest.shards:
+        path = out / shard.path
+        if not path.exists() or file_sha256(path) != shard.sha256:
+            log.warning("%s is missing or differs from the manifest; writing the build again", path)
+            return None
+    return manifest
+
+
+def _retract(out: Path) -> None:
+    """Before any final file is written over: remove the manifest (the commit marker), so a
+    kill from here on leaves a build that says it is unfinished, never an old manifest over
+    new shards; and remove the temporary files a killed writer left behind."""
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+    for sub in (DATA_DIR, REJECTS_DIR):
+        for leftover in (out / sub).glob(".*.tmp-*"):
+            leftover.unlink(missing_ok=True)
 
 
 def _keep_mask(table: pa.Table, seen: set[str]) -> tuple[list[bool], list[dict]]:
@@ -202,6 +218,7 @@ def write_dataset(
     build_fp = build_fp or build_fingerprint(inputs, shard_rows, config.get("write", {}))
     if (done := finished_manifest(out, build_fp)) is not None:
         return done
+    _retract(out)
 
     seen: set[str] = set()
     masks, write_rejects = [], []

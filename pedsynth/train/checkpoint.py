@@ -2,7 +2,9 @@
 
 The tensors (model, momentum encoder, queues, optimiser moments, RNG state) are keyed
 ``<module>.<state-dict key>`` — ``model.clip.*`` is the open_clip model, ``model.classifier.*``
-the identity head — and ``optim.<param id>.<key>``. The JSON (resolved config, epoch, step,
+the identity head, ``model.text_stream.*`` the BiGRU text stream (its frozen word vectors
+included; the words themselves are in the JSON's ``vocabulary``) — and
+``optim.<param id>.<key>``. The JSON (resolved config, epoch, step,
 identities, optimiser hyper-parameters, history, the tensors' sha256) is written after the
 tensors, through :mod:`pedsynth.atomic`, so it is the commit marker: a checkpoint whose JSON
 exists and matches its tensors is whole.
@@ -22,7 +24,8 @@ from pedsynth.atomic import atomic_write_bytes
 from pedsynth.schemas.train import TrainConfig
 from pedsynth.tasks.shards import file_sha256
 from pedsynth.train.data import DataError
-from pedsynth.train.model import DualEncoder, create_clip
+from pedsynth.train.model import DualEncoder, create_clip, embed_dim_of
+from pedsynth.train.text_stream import restore_text_stream
 
 CHECKPOINT_FORMAT = 1
 
@@ -115,6 +118,14 @@ def load_trained_model(run_dir: str | Path, which: str = "best") -> tuple[DualEn
     tensors, meta = found
     cfg = TrainConfig.model_validate(meta["config"])
     clip, tokenizer = create_clip(cfg.model.model_copy(update={"pretrained": None}))
-    model = DualEncoder(clip, len(meta["identities"]))
+    text_stream = None
+    if cfg.model.text_stream == "bigru":
+        if "vocabulary" not in meta:
+            raise DataError(f"{run_dir}: a bigru checkpoint without its vocabulary")
+        vector_dim = tensors["model.text_stream.word_vectors"].shape[1]
+        text_stream, tokenizer = restore_text_stream(
+            meta["vocabulary"], vector_dim, embed_dim_of(clip), cfg.model
+        )
+    model = DualEncoder(clip, len(meta["identities"]), text_stream)
     load_module_tensors({"model": model}, tensors)
     return model.eval(), tokenizer, meta

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 from pedsynth.engines.clip_tokens import clip_token_strings, is_clip_bpe
 from pedsynth.train.data import FILE_BLOCK_ROWS, DataError, ImageReader, SplitIndex, decode_image
 from pedsynth.train.text_aug import choose_caption, nam_mask, nam_probabilities
+from pedsynth.train.text_stream import WordTokenizer
 from pedsynth.train.transforms import ImageTransform, eval_transform, seeded, train_transform
 
 # What NAM used for an item's masking rates (the ``noise`` field of an item).
@@ -119,6 +120,13 @@ class TrainDataset(Dataset):
         self.reader = ImageReader()
         self.eot_token = int(tokenizer("")[0].max())  # SOT/EOT are the largest ids
         self.clip_bpe = is_clip_bpe(tokenizer)  # only its tokens compare with stored ones
+        # A word tokenizer (the BiGRU text stream) names its own mask id and ordinary ids.
+        self.mask_ids: dict[str, Any] = {}
+        if isinstance(tokenizer, WordTokenizer):
+            self.mask_ids = {
+                "mask_token": tokenizer.mask_token,
+                "random_ids": (tokenizer.first_word, tokenizer.vocab_size),
+            }
 
     def __len__(self) -> int:
         return len(self.index.samples)
@@ -160,7 +168,7 @@ class TrainDataset(Dataset):
                 clip_token_strings(self.tokenizer, body) if self.clip_bpe else None,
             )
             probabilities = nam_probabilities(noise, len(body), self.text_cfg.nam_p)
-            new_body, _ = nam_mask(body, probabilities, rng)
+            new_body, _ = nam_mask(body, probabilities, rng, **self.mask_ids)
             masked = text.clone()
             masked[first:end] = torch.from_numpy(new_body)
         return {

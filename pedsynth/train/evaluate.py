@@ -1,4 +1,4 @@
-"""Text→image retrieval evaluation of a dual encoder on one split.
+"""Text→image retrieval (and image→image re-identification) of a dual encoder on one split.
 
 Queries are the split's original captions, the gallery its distinct images, preprocessed by the
 shared person-crop definition (:func:`pedsynth.train.transforms.eval_transform`). Metrics are
@@ -16,7 +16,13 @@ from torch.utils.data import DataLoader
 
 from pedsynth.train.data import DataError, ImageReader, SplitIndex, decode_image
 from pedsynth.train.datasets import GalleryDataset, tokenize_all
-from pedsynth.train.metrics import RankerFn, k_reciprocal_rerank, rank_metrics, rerank_with_model
+from pedsynth.train.metrics import (
+    RankerFn,
+    image_to_image_metrics,
+    k_reciprocal_rerank,
+    rank_metrics,
+    rerank_with_model,
+)
 from pedsynth.train.model import DualEncoder
 
 
@@ -82,13 +88,18 @@ def evaluate(
     rerank_weight: float = 0.05,
     ranker: RankerFn | None = None,
     ranker_top_k: int = 10,
+    i2i: bool = False,
 ) -> dict[str, float]:
     """Text→image retrieval metrics on one split (R1, R5, R10, mAP, mINP in percent).
 
     With ``rerank_k``, also ``rerank_*`` metrics after k-reciprocal re-ranking. With
     ``ranker`` (a vision-language model behind :data:`~pedsynth.train.metrics.RankerFn`),
     also ``rar_*`` metrics after it reorders each query's top ``ranker_top_k``, plus its
-    ``rar_parse_failure_rate``.
+    ``rar_parse_failure_rate``. With ``i2i``, also ``i2i_*`` metrics of image→image
+    re-identification on the same gallery features
+    (:func:`~pedsynth.train.metrics.image_to_image_metrics`: each image against the split's
+    other images; pedsynth data has no camera ids, so only the query image itself is left out),
+    with ``i2i_queries``; skipped when no identity has two images.
     """
     if not index.image_ids:
         raise DataError(f"split {index.name!r} is empty: nothing to evaluate")
@@ -107,6 +118,9 @@ def evaluate(
     gallery_pids = index.image_person
     similarity = text @ images.T
     result = rank_metrics(similarity, query_pids, gallery_pids)
+    if i2i and len(set(gallery_pids)) < len(gallery_pids):
+        reid = image_to_image_metrics(images, gallery_pids)
+        result |= {f"i2i_{n}": v for n, v in reid.items() if n != "gallery"}
     if rerank_k is not None:
         k = min(rerank_k, len(gallery_pids))
         reranked = k_reciprocal_rerank(text, images, k=k, weight=rerank_weight)

@@ -50,6 +50,7 @@ from pedsynth.train.evaluate import evaluate
 from pedsynth.train.metrics import RankerFn
 from pedsynth.train.model import DualEncoder, MomentumEncoder, create_clip, image_size_of
 from pedsynth.train.optim import base_lr_of, build_optimizer, get_lr, set_lr
+from pedsynth.train.text_stream import WordTokenizer, build_text_stream
 
 __all__ = ["Run", "load_trained_model", "prepare", "train", "train_epoch"]
 
@@ -126,10 +127,15 @@ def prepare(cfg: TrainConfig) -> Run:
     clip, tokenizer = create_clip(cfg.model, device)
     image_size = tuple(cfg.model.image_size or image_size_of(clip))
     mean, std = mean_std_of(clip)
-    model = DualEncoder(clip, len(identities)).to(device)
+    text_stream = None
+    if cfg.model.text_stream == "bigru":
+        # TextReID: the word dictionary is built once here, from every training caption;
+        # from now on texts are word ids of the stream's own tokenizer.
+        text_stream, tokenizer = build_text_stream(clip, tokenizer, train_index.captions, cfg.model)
+    model = DualEncoder(clip, len(identities), text_stream).to(device)
     momentum = queues = None
     if cfg.loss.cm_moco:
-        momentum = MomentumEncoder(model.clip).to(device)
+        momentum = MomentumEncoder(model.clip, model.text_stream).to(device)
         queues = losses.MomentumQueues(clip.visual.output_dim, cfg.loss.moco_queue).to(device)
     optimizer = build_optimizer(model, cfg.optim)
 
@@ -183,6 +189,7 @@ def prepare(cfg: TrainConfig) -> Run:
             "resize_mode": cfg.model.resize_mode,
             "mean": mean,
             "std": std,
+            "i2i": cfg.eval.i2i,
         },
         train_index=train_index,
         val_index=val_index,
@@ -275,6 +282,10 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         run.step += 1
         if momentum is not None:
             losses.momentum_update(model.clip, momentum.clip, cfg.loss.moco_momentum)
+            if model.text_stream is not None:
+                losses.momentum_update(
+                    model.text_stream, momentum.text_stream, cfg.loss.moco_momentum
+                )
         if run.step >= run.total_steps:
             break
     seconds = time.perf_counter() - started
@@ -304,7 +315,14 @@ def _meta(run: Run, epoch: int, history: list) -> dict:
         "step": run.step,
         "identities": run.identities,
         "history": history,
-    }
+    } | _stream_meta(run.tokenizer)
+
+
+def _stream_meta(tokenizer: Any) -> dict[str, Any]:
+    """The BiGRU text stream's dictionary words (its vectors are tensors), for restoring it."""
+    if isinstance(tokenizer, WordTokenizer):
+        return {"vocabulary": tokenizer.vocabulary}
+    return {}
 
 
 def _end_of_epoch(run: Run, epoch: int, report: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@
 - :func:`sdm_loss` — IRRA's similarity distribution matching.
 - :func:`id_loss` — identity classification on both modalities with one shared classifier.
 - :func:`cm_moco_loss` and :class:`MomentumQueues` — TextReID's cross-modal momentum contrast.
+- :func:`batch_hard_triplet_loss` — the re-identification triplet loss on image features
+  (with an identity loss on the image features alone: MLLMReID's ReID objective).
 - :func:`weighted_losses` — the losses a config turns on, weighted, for one batch.
 """
 
@@ -95,6 +97,32 @@ def cm_moco_loss(
     return t2i + i2t
 
 
+def batch_hard_triplet_loss(
+    features: torch.Tensor, person_ids: torch.Tensor, *, margin: float = 0.3
+) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans et al. 2017) on L2-normalised features.
+
+    For each anchor: its farthest positive (same identity, itself excluded) and nearest
+    negative, by Euclidean distance; loss = mean of max(0, d(a, p) − d(a, n) + margin) over
+    the anchors that have both. A batch with no such anchor gives 0 (still in the graph).
+    """
+    f = F.normalize(features.float(), dim=1)
+    squared = (f.pow(2).sum(1, keepdim=True) + f.pow(2).sum(1) - 2 * f @ f.T).clamp(min=1e-12)
+    distance = squared.sqrt()
+    ids = person_ids.reshape(-1, 1)
+    same = ids == ids.T
+    eye = torch.eye(len(ids), dtype=torch.bool, device=f.device)
+    positive = same & ~eye
+    negative = ~same
+    usable = positive.any(1) & negative.any(1)
+    if not bool(usable.any()):
+        return f.sum() * 0.0
+    hardest_positive = distance.masked_fill(~positive, float("-inf")).max(1).values
+    hardest_negative = distance.masked_fill(~negative, float("inf")).min(1).values
+    losses = F.relu(hardest_positive - hardest_negative + margin)
+    return losses[usable].mean()
+
+
 class MomentumQueues(nn.Module):
     """Feature and identity queues of CM-MoCo, kept as buffers so they live in checkpoints."""
 
@@ -158,6 +186,12 @@ def weighted_losses(
     if cfg.id:
         parts["id"] = cfg.id_weight * id_loss(
             classifier(image_feats), classifier(text_feats), labels
+        )
+    if cfg.image_id:
+        parts["image_id"] = cfg.image_id_weight * F.cross_entropy(classifier(image_feats), labels)
+    if cfg.image_triplet:
+        parts["image_triplet"] = cfg.triplet_weight * batch_hard_triplet_loss(
+            image_feats, labels, margin=cfg.triplet_margin
         )
     if keys is not None and queues is not None:
         image_queue, text_queue, queue_ids = queues.current()

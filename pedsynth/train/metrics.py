@@ -45,7 +45,9 @@ def _identity_codes(query_pids: Any, gallery_pids: Any) -> tuple[torch.Tensor, t
     return _as_tensor(q, "query_pids").long(), _as_tensor(g, "gallery_pids").long()
 
 
-def rank_metrics(similarity: Any, query_pids: Any, gallery_pids: Any) -> dict[str, float]:
+def rank_metrics(
+    similarity: Any, query_pids: Any, gallery_pids: Any, *, exclude: Any = None
+) -> dict[str, float]:
     """R1, R5, R10, mAP and mINP in percent for text→image retrieval, as IRRA defines them.
 
     ``similarity``: (Q, G) array, larger = more similar (NumPy or torch). ``query_pids`` (Q,)
@@ -54,6 +56,10 @@ def rank_metrics(similarity: Any, query_pids: Any, gallery_pids: Any) -> dict[st
     silently divide by zero). R@k: share of queries with a match in the top k. mAP: mean over
     queries of the average precision over *all* relevant gallery items. mINP: mean of
     (number of relevant items) / (rank of the last one). Ties are broken by gallery order.
+
+    ``exclude`` (Q, G) booleans: gallery items removed from a query's ranking altogether (the
+    ReID protocol's junk, e.g. the query image itself in image→image retrieval); they are
+    neither relevant nor ranked before anything.
     """
     sim = _as_tensor(similarity, "similarity")
     if sim.ndim != 2:
@@ -73,6 +79,13 @@ def rank_metrics(similarity: Any, query_pids: Any, gallery_pids: Any) -> dict[st
     if n_query == 0 or n_gallery == 0:
         raise ValueError(f"need at least one query and one gallery item, got {tuple(sim.shape)}")
     relevant = q_pids[:, None] == g_pids[None, :]  # (Q, G)
+    if exclude is not None:
+        junk = _as_tensor(exclude, "exclude").bool()
+        if junk.shape != sim.shape:
+            raise ValueError(f"exclude: shape {tuple(junk.shape)}, similarity {tuple(sim.shape)}")
+        relevant &= ~junk
+        # Below every kept score: never ranked before a relevant item, so ranks are unchanged.
+        sim = sim.masked_fill(junk, float(sim.min()) - 1.0)
     num_rel = relevant.sum(1)
     missing = torch.nonzero(num_rel == 0).flatten()
     if len(missing):
@@ -106,6 +119,43 @@ def rank_metrics(similarity: Any, query_pids: Any, gallery_pids: Any) -> dict[st
         "mAP": float(ap.mean() * 100),
         "mINP": float(inp.mean() * 100),
     }
+
+
+def image_to_image_metrics(
+    features: Any, person_ids: Sequence[Any], camera_ids: Sequence[Any] | None = None
+) -> dict[str, float]:
+    """Image→image re-identification on one split, scored by :func:`rank_metrics`.
+
+    Every image whose identity has another image in the split is a query; the gallery is all
+    the split's images, minus the query itself (and, given ``camera_ids``, minus images of the
+    same identity from the same camera, the Market-1501 protocol). Images of identities seen
+    once stay in the gallery as distractors. ``features``: (N, D), normalised here; returns
+    R1, R5, R10, mAP, mINP (percent), ``queries`` and ``gallery`` (the split's image count).
+    """
+    f = torch.nn.functional.normalize(_as_tensor(features, "features").float(), dim=1)
+    n = f.shape[0]
+    codes = _codes(person_ids, "person_ids")
+    if len(codes) != n:
+        raise ValueError(f"{n} features but {len(codes)} person ids")
+    same_person = codes[:, None] == codes[None, :]
+    junk = torch.eye(n, dtype=torch.bool)
+    if camera_ids is not None:
+        cams = _codes(camera_ids, "camera_ids")
+        if len(cams) != n:
+            raise ValueError(f"{n} features but {len(cams)} camera ids")
+        junk |= same_person & (cams[:, None] == cams[None, :])
+    queries = torch.nonzero((same_person & ~junk).any(dim=1)).flatten()
+    if len(queries) == 0:
+        raise ValueError("no image has another image of its identity: no image→image query")
+    result = rank_metrics(f[queries] @ f.T, codes[queries], codes, exclude=junk[queries])
+    return result | {"queries": len(queries), "gallery": n}
+
+
+def _codes(values: Any, name: str) -> torch.Tensor:
+    """Integer codes of one sequence of labels (ints or strings)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().long().flatten()
+    return _as_tensor(np.asarray(list(values)), name).long().flatten()
 
 
 def _stable_ranks(sim: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

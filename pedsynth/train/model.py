@@ -70,11 +70,18 @@ def encode_text_trimmed(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class DualEncoder(nn.Module):
-    """open_clip image and text towers + one linear identity classifier shared by both."""
+    """open_clip image and text towers + one linear identity classifier shared by both.
 
-    def __init__(self, clip: nn.Module, num_identities: int) -> None:
+    With ``text_stream`` (TextReID's BiGRU, :mod:`pedsynth.train.text_stream`) texts go
+    through it instead of the CLIP text transformer, which is then never run.
+    """
+
+    def __init__(
+        self, clip: nn.Module, num_identities: int, text_stream: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.clip = clip
+        self.text_stream = text_stream
         self.classifier = nn.Linear(embed_dim_of(clip), max(1, num_identities))
         nn.init.normal_(self.classifier.weight, std=0.001)
         nn.init.zeros_(self.classifier.bias)
@@ -83,27 +90,33 @@ class DualEncoder(nn.Module):
         return self.clip.encode_image(images, normalize=False)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.text_stream is not None:
+            return self.text_stream(tokens)
         return encode_text_trimmed(self.clip, tokens)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """New layers (not in the pretrained CLIP): trained at ``head_lr_factor`` × the rate."""
-        return list(self.classifier.parameters())
+        heads = list(self.classifier.parameters())
+        if self.text_stream is not None:
+            heads += [p for p in self.text_stream.parameters() if p.requires_grad]
+        return heads
 
 
 class MomentumEncoder(nn.Module):
-    """A frozen copy of the CLIP towers updated by EMA (CM-MoCo's key encoders)."""
+    """A frozen copy of the image and text towers updated by EMA (CM-MoCo's key encoders)."""
 
-    def __init__(self, clip: nn.Module) -> None:
+    def __init__(self, clip: nn.Module, text_stream: nn.Module | None = None) -> None:
         super().__init__()
         import copy
 
         self.clip = copy.deepcopy(clip)
-        for p in self.clip.parameters():
+        self.text_stream = copy.deepcopy(text_stream)
+        for p in self.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (
-            self.clip.encode_image(images, normalize=True),
-            self.clip.encode_text(tokens, normalize=True),
-        )
+        image = self.clip.encode_image(images, normalize=True)
+        if self.text_stream is not None:
+            return image, nn.functional.normalize(self.text_stream(tokens), dim=-1)
+        return image, self.clip.encode_text(tokens, normalize=True)

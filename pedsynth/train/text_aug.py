@@ -60,18 +60,20 @@ def nam_mask(
     *,
     mask_token: int = CLIP_MASK_TOKEN,
     vocab_size: int = CLIP_FIRST_SPECIAL,
+    random_ids: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BERT-style corruption of text tokens (no SOS/EOS/padding in ``token_ids``).
 
     Each token is selected with its own probability; a selected token becomes the mask token
-    80% of the time, a random ordinary token 10%, and stays itself 10%. Returns (new ids,
-    selected mask).
+    80% of the time, a random ordinary token 10% (drawn from ``random_ids`` = [low, high),
+    by default [1, vocab_size − 1)), and stays itself 10%. Returns (new ids, selected mask).
     """
+    low, high = random_ids or (1, vocab_size - 1)
     ids = np.asarray(token_ids).copy()
     selected = rng.random(len(ids)) < np.asarray(probabilities)[: len(ids)]
     action = rng.random(len(ids))
     to_mask = selected & (action < 0.8)
     to_random = selected & (action >= 0.8) & (action < 0.9)
     ids[to_mask] = mask_token
-    ids[to_random] = rng.integers(1, vocab_size - 1, size=int(to_random.sum()))
+    ids[to_random] = rng.integers(low, high, size=int(to_random.sum()))
     return ids, selected
