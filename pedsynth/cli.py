@@ -28,6 +28,9 @@ def _sample_data(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
     )
+    from pedsynth.procedural.references import write_benchmark_references
+
+    summary["references"] = len(write_benchmark_references(args.out)["references"])
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -134,7 +137,7 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         for problem in report.problems:
-            print(problem.line(Path(args.out)))
+            print(problem.line(Path(report.out)))
         print(report.summary())
     return 0 if report.sound else 1
 

@@ -27,6 +27,7 @@ from typing import Any
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from pedsynth.engines import cache
+from pedsynth.redact import install_log_redaction
 
 
 def _thread_pool(cfg: Any) -> TaskRunner:
@@ -145,7 +146,10 @@ class LoadReport:
 
 
 def reporting_loads(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, LoadReport]:
-    """``fn(*args, **kwargs)`` and the report of the loads this worker's cache made meanwhile."""
+    """``fn(*args, **kwargs)`` and the report of the loads this worker's cache made meanwhile.
+
+    Log redaction is installed first: a Ray worker process never passes through the CLI."""
+    install_log_redaction()
     before = cache.load_counts()
     value = fn(*args, **kwargs)
     return value, LoadReport(cache.where(), before, cache.load_counts())

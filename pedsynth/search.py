@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pedsynth.engines.cache import cache_key, cached
+from pedsynth.schemas.manifest import resolve_build
 from pedsynth.schemas.vision import ClipModelConfig
 from pedsynth.tasks.memory_index import (
     IDS_FILE,
@@ -83,7 +84,7 @@ def search(
     """
     from pedsynth.engines.clip import load_clip
 
-    out_dir = Path(out_dir)
+    out_dir = resolve_build(out_dir)  # OUT: the version `latest` names
     meta = read_memory(out_dir)
     if meta is None:
         raise FileNotFoundError(

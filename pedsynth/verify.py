@@ -1,5 +1,8 @@
 """``pedsynth verify OUT``: re-read a finished build and say whether it is sound.
 
+``OUT`` is read through :func:`pedsynth.schemas.manifest.resolve_build`: the version ``latest``
+names (or the folder itself: a version folder, a build made before versions).
+
 Every final shard the manifest names is read back whole (footer, pages and their CRCs) and
 checked against the manifest: the schema is the pairs schema of the manifest's schema version,
 row counts and sha256 match, ``pair_id`` is unique over the dataset, every image decodes
@@ -23,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pedsynth.errors import PreflightError
-from pedsynth.schemas.manifest import MANIFEST_FILE, Manifest
+from pedsynth.schemas.manifest import MANIFEST_FILE, Manifest, resolve_build
 from pedsynth.schemas.tables import PAIRS_SCHEMA, REJECTS_SCHEMA
 
 DATA_DIR, REJECTS_DIR = "data", "rejects"  # as the write stage lays them out
@@ -93,8 +96,9 @@ def load_manifest(out: str | Path) -> Manifest:
 
 
 def verify(out_dir: str | Path) -> Report:
-    """Check the build in ``out_dir``; the report lists every problem found."""
-    out = Path(out_dir)
+    """Check the build ``out_dir`` resolves to (``OUT``: the version ``latest`` names; a
+    version folder: itself); the report lists every problem found."""
+    out = resolve_build(out_dir)
     manifest = load_manifest(out)
     report = Report(str(out))
     seen_pairs: dict[str, str] = {}

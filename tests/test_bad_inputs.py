@@ -101,7 +101,7 @@ def test_each_bad_input_becomes_a_reject_and_good_rows_arrive(prefect_server, ba
         "ingest.max_pixels=1000000",
         "ingest.max_caption_chars=1000",
     )
-    rejects = pq.read_table(out / "rejects").to_pylist()
+    rejects = pq.read_table(out / "latest" / "rejects").to_pylist()
     assert Counter(r["reason"] for r in rejects) == expected
     assert all(r["stage"] == "ingest" and r["detail"] for r in rejects)
     by_reason = {r["reason"]: r for r in rejects}
@@ -113,7 +113,7 @@ def test_each_bad_input_becomes_a_reject_and_good_rows_arrive(prefect_server, ba
     assert unreadable["image_id"] == "cuhk-pedes:loop.jpg"
     assert unreadable["detail"].endswith("loop.jpg: Too many levels of symbolic links")
 
-    data = pq.read_table(out / "data").to_pylist()
+    data = pq.read_table(out / "latest" / "data").to_pylist()
     assert sorted(r["image"]["path"] for r in data) == ["good1.jpg", "good2.jpg", "good3.jpg"]
     assert all(r["caption"].startswith("A man in a red jacket") for r in data)
     png_row = next(r for r in data if r["image"]["path"] == "good2.jpg")
@@ -132,7 +132,7 @@ def test_uncaptioned_images_are_rejected_at_write_not_dropped(prefect_server, tm
     out = tmp_path / "out"
     manifest = run_build(out, [f"folder:{folder}"])
     assert manifest["totals"]["pairs"] == 0
-    rejects = pq.read_table(out / "rejects").to_pylist()
+    rejects = pq.read_table(out / "latest" / "rejects").to_pylist()
     assert [r["reason"] for r in rejects] == ["uncaptioned"] * 4
     assert {r["person_id"] for r in rejects} == {"folder:alice", "folder:bob"}
 

@@ -39,31 +39,33 @@ def _annotations(root: Path) -> list[dict]:
 
 def test_layout_and_shard_names(built):
     out, manifest = built
-    files = sorted(p.name for p in (out / "data").glob("*.parquet"))
+    files = sorted(p.name for p in (out / "latest" / "data").glob("*.parquet"))
     assert files == sorted(Path(s["path"]).name for s in manifest["shards"])
     for split in {s["split"] for s in manifest["shards"]}:
         mine = [f for f in files if f.startswith(f"{split}-")]
         assert mine == [f"{split}-{i:05d}-of-{len(mine):05d}.parquet" for i in range(len(mine))]
     assert all(s["rows"] <= 50 for s in manifest["shards"])
-    assert (out / "manifest.json").exists() and (out / "README.md").exists()
+    assert (out / "latest" / "manifest.json").exists() and (out / "latest" / "README.md").exists()
 
 
 def test_rows_schema_and_counts(built, procedural_small):
     out, manifest = built
-    table = pq.read_table(out / "data")
+    table = pq.read_table(out / "latest" / "data")
     expected = sum(len(r["captions"]) for r in _annotations(procedural_small))
     assert table.num_rows == expected == manifest["totals"]["pairs"]
-    for f in (out / "data").glob("*.parquet"):
+    for f in (out / "latest" / "data").glob("*.parquet"):
         assert pq.read_schema(f).remove_metadata() == PAIRS_SCHEMA.remove_metadata()
         assert pq.read_schema(f).metadata[b"pedsynth.schema_version"]
-    df = pd.read_parquet(out / "data", columns=["pair_id", "split", "caption"])
+    df = pd.read_parquet(out / "latest" / "data", columns=["pair_id", "split", "caption"])
     assert len(df) == expected and df["pair_id"].is_unique
     assert set(df["split"]) == {"train", "val", "test"}
 
 
 def test_images_are_the_source_bytes(built, procedural_small):
     out, _ = built
-    rows = pq.read_table(out / "data", columns=["image", "width", "height", "image_id"]).to_pylist()
+    rows = pq.read_table(
+        out / "latest" / "data", columns=["image", "width", "height", "image_id"]
+    ).to_pylist()
     for row in rows[::7]:
         img = Image.open(io.BytesIO(row["image"]["bytes"]))
         img.load()
@@ -74,7 +76,7 @@ def test_images_are_the_source_bytes(built, procedural_small):
 
 def test_splits_identity_disjoint_and_match_annotations(built, procedural_small):
     out, manifest = built
-    df = pd.read_parquet(out / "data", columns=["person_id", "split"])
+    df = pd.read_parquet(out / "latest" / "data", columns=["person_id", "split"])
     assert df.groupby("person_id")["split"].nunique().max() == 1
     truth = {f"cuhk-pedes:{r['id']}": r["split"] for r in _annotations(procedural_small)}
     assert dict(zip(df["person_id"], df["split"], strict=True)) == truth
@@ -84,7 +86,7 @@ def test_splits_identity_disjoint_and_match_annotations(built, procedural_small)
 def test_lineage_columns_filled(built):
     out, _ = built
     df = pd.read_parquet(
-        out / "data",
+        out / "latest" / "data",
         columns=["caption_source", "generator", "source", "parent_id", "image_id", "caption"],
     )
     assert (df["caption_source"] == "original").all()
@@ -98,8 +100,8 @@ def test_manifest_checksums_and_counts(built):
 
     out, manifest = built
     for s in manifest["shards"]:
-        assert file_sha256(out / s["path"]) == s["sha256"]
-        assert pq.read_metadata(out / s["path"]).num_rows == s["rows"]
+        assert file_sha256(out / "latest" / s["path"]) == s["sha256"]
+        assert pq.read_metadata(out / "latest" / s["path"]).num_rows == s["rows"]
     assert manifest["stages"]["ingest"]["rows_out"] == manifest["totals"]["pairs"]
     assert manifest["stages"]["write"]["rejected"] == 0
     assert manifest["config"]["shard_rows"] == 50
@@ -108,7 +110,7 @@ def test_manifest_checksums_and_counts(built):
 def test_huggingface_datasets_loads_the_output(built):
     datasets = pytest.importorskip("datasets")
     out, manifest = built
-    ds = datasets.load_dataset(str(out), cache_dir=str(out.parent / "hf-cache"))
+    ds = datasets.load_dataset(str(out / "latest"), cache_dir=str(out.parent / "hf-cache"))
     by_split = manifest["totals"]["by_split"]
     assert {k: len(v) for k, v in ds.items()} == {
         {"val": "validation"}.get(k, k): v["pairs"] for k, v in by_split.items()
@@ -145,13 +147,15 @@ def test_resharding_reuses_ingest_and_removes_stale_files(
     assert second["stages"]["ingest"]["reused"] == second["stages"]["ingest"]["shards"]
     assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
     third = run_build(out, [f"cuhk-pedes:{procedural_small}"], "shard_rows=1000")
-    assert sorted(os.listdir(out / "data")) == sorted(Path(s["path"]).name for s in third["shards"])
-    assert pq.read_table(out / "data").num_rows == first["totals"]["pairs"]
+    assert sorted(os.listdir(out / "latest" / "data")) == sorted(
+        Path(s["path"]).name for s in third["shards"]
+    )
+    assert pq.read_table(out / "latest" / "data").num_rows == first["totals"]["pairs"]
 
 
 def test_rejects_table_schema(built):
     out, manifest = built
-    files = list((out / "rejects").glob("*.parquet"))
+    files = list((out / "latest" / "rejects").glob("*.parquet"))
     assert [f"rejects/{f.name}" for f in files] == manifest["rejects"]
     assert pq.read_schema(files[0]).remove_metadata() == REJECTS_SCHEMA.remove_metadata()
 

@@ -303,7 +303,7 @@ def test_offline_tiny_config_runs_the_text_stages(prefect_server, procedural_sma
     annotations = json.loads((procedural_small / "reid_raw.json").read_text())
     n_images = len(annotations)
     n_captions = sum(len(r["captions"]) for r in annotations)
-    data = pq.read_table(out / "data")
+    data = pq.read_table(out / "latest" / "data")
     by_source = data.group_by("caption_source").aggregate([("pair_id", "count")]).to_pylist()
     counts = {r["caption_source"]: r["pair_id_count"] for r in by_source}
     assert counts["original"] == n_captions
@@ -328,10 +328,10 @@ def test_offline_tiny_config_runs_the_text_stages(prefect_server, procedural_sma
         assert row["generator"] == "transformers:tiny-random:llava@default"
         assert row["template_id"] is None or row["template_id"] in bank
         assert row["prompt_hash"] and row["seed"] is not None and row["parent_id"] is None
-    card = (out / "README.md").read_text()
+    card = (out / "latest" / "README.md").read_text()
     assert "mllm (static)" in card and "templates used" in card
 
     work = sorted(p.name for p in (out / "_work").rglob("*.parquet"))
     again = build()  # every stage output is found by its fingerprint: nothing is recomputed
     assert again["reused"] and sorted(p.name for p in (out / "_work").rglob("*.parquet")) == work
-    assert pq.read_table(out / "data").sort_by("pair_id").equals(data.sort_by("pair_id"))
+    assert pq.read_table(out / "latest" / "data").sort_by("pair_id").equals(data.sort_by("pair_id"))

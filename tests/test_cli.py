@@ -55,6 +55,10 @@ def test_sample_data_refuses_to_overwrite(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     records = json.loads((out / "reid_raw.json").read_text())
     assert len(records) == 12 and summary
+    # The reference bank for reference-guided edits comes with it, every file named there.
+    listed = json.loads((out / "references" / "references.json").read_text())["references"]
+    assert summary["references"] == len(listed) > 0
+    assert all((out / "references" / r["path"]).is_file() for r in listed)
     assert main(["sample-data", str(out), "--identities", "6"]) == 2
     assert "exist" in capsys.readouterr().err.lower()
 

@@ -43,7 +43,7 @@ def _build(package: Path, source: Path, out: Path, api_url: str) -> dict:
     proc = subprocess.run(cmd, env=env, cwd=package, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"code {pedsynth.__version__}+" in proc.stdout
-    return json.loads((out / "manifest.json").read_text())
+    return json.loads((out / "latest" / "manifest.json").read_text())
 
 
 def _reused(manifest: dict) -> dict[str, tuple[int, int]]:
@@ -62,7 +62,7 @@ def test_changing_one_stage_recomputes_it_and_the_stages_after(
         "score": (0, n),
         "write": (0, len(first["shards"])),
     }
-    data_files = {p.name: p.read_bytes() for p in (out / "data").glob("*.parquet")}
+    data_files = {p.name: p.read_bytes() for p in (out / "latest" / "data").glob("*.parquet")}
 
     stage_file = package_copy / "pedsynth" / "tasks" / "faithfulness.py"
     stage_file.write_text(stage_file.read_text() + "\n\nCHANGED_FOR_A_TEST = True\n")
@@ -78,7 +78,9 @@ def test_changing_one_stage_recomputes_it_and_the_stages_after(
     }
     assert changed == {"faithfulness"}
     # The change did not alter what the stage computes, so the dataset is the same bytes.
-    assert {p.name: p.read_bytes() for p in (out / "data").glob("*.parquet")} == data_files
+    assert {
+        p.name: p.read_bytes() for p in (out / "latest" / "data").glob("*.parquet")
+    } == data_files
 
     # A comment or formatting change is not a code change.
     stage_file.write_text(stage_file.read_text() + "\n# a note for readers\n")

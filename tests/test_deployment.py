@@ -53,10 +53,10 @@ def test_local_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
 
     # The deployment generated the procedural benchmark and built it with the offline config.
     out = project / "out" / "offline-tiny"
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "latest" / "manifest.json").read_text())
     annotations = json.loads((project / "data" / "procedural" / "reid_raw.json").read_text())
     expected = sum(len(r["captions"]) for r in annotations)
-    data = pq.read_table(out / "data", columns=["caption_source"])
+    data = pq.read_table(out / "latest" / "data", columns=["caption_source"])
     sources = data.column("caption_source").to_pylist()
     # Every original caption, plus what the offline text stages (tiny models) added.
     assert sources.count("original") == expected

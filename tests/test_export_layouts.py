@@ -20,6 +20,7 @@ import pytest
 from pedsynth.cli import main
 from pedsynth.export.layouts import export_layout
 from pedsynth.schemas.config import IngestConfig, SourceConfig
+from pedsynth.schemas.manifest import resolve_build
 from pedsynth.tasks import ingest, sources
 from pedsynth.tasks.readers import read_catalog
 from pedsynth.tasks.write import write_dataset
@@ -68,7 +69,9 @@ def pairs_and_persons(rows: list[dict]) -> tuple[set, set]:
 
 @pytest.fixture(scope="module")
 def built_pairs(build) -> tuple[set, set]:
-    rows = pq.read_table(build / "data", columns=["image", "caption", "split", "person_id"])
+    rows = pq.read_table(
+        resolve_build(build) / "data", columns=["image", "caption", "split", "person_id"]
+    )
     return pairs_and_persons(rows.to_pylist())
 
 
@@ -101,7 +104,9 @@ def test_the_layout_is_what_the_field_s_loaders_read(build, tmp_path, fmt):
     all_ids = sorted({r["id"] for r in records})
     assert all_ids == list(range(first_id, first_id + 12))
     # each image once, its bytes as stored in the build, by a relative path under imgs/
-    cells = pq.read_table(build / "data", columns=["image"]).column("image").to_pylist()
+    cells = (
+        pq.read_table(resolve_build(build) / "data", columns=["image"]).column("image").to_pylist()
+    )
     stored = {digest(c["bytes"]) for c in cells}
     paths = [r[path_key] for r in records]
     assert len(paths) == len(set(paths)) == 36

@@ -22,6 +22,7 @@ from PIL import Image
 from pedsynth.cli import main
 from pedsynth.export.ranking import export_ranking
 from pedsynth.schemas.config import IngestConfig, SourceConfig
+from pedsynth.schemas.manifest import resolve_build
 from pedsynth.schemas.vision import ClipModelConfig, MemoryConfig
 from pedsynth.tasks import sources
 from pedsynth.tasks.stages import StageContext, run_dataset_stage
@@ -56,7 +57,7 @@ def build(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rows(build) -> dict[str, dict]:
-    table = pq.read_table(build / "data")
+    table = pq.read_table(resolve_build(build) / "data")
     return {r["pair_id"]: r for r in table.to_pylist()}
 
 

@@ -181,12 +181,12 @@ def test_a_stage_over_its_failure_budget_fails_the_build(
         "rewrite:" in errors[0] and "requests failed (100.0%; max_failure_rate 5.0%)" in errors[0]
     )
     assert "connection_error" in errors[0]
-    assert not (out / "manifest.json").exists()
+    assert not (out / "latest" / "manifest.json").exists()
 
     tolerated = _cli_build(procedural_small, out, prefect_server, "--set", "max_failure_rate=1")
     assert tolerated.returncode == 0, tolerated.stderr[-3000:]
     assert "warning: rewrite:" in tolerated.stdout
-    manifest = pq.read_table(out / "rejects").to_pylist()
+    manifest = pq.read_table(out / "latest" / "rejects").to_pylist()
     # The second build sent the failed requests again: their first failure is history.
     reasons = {r["reason"] for r in manifest if r["stage"] == "rewrite"}
     assert reasons == {"generation_failed", "retried:generation_failed"}

@@ -314,7 +314,7 @@ def test_build_dataset_flow_with_score_and_memory(prefect_server, procedural_sma
         overrides=["shard_rows=60", "memory.hnsw_m=16", "memory.hard_negatives_k=4"],
     )
     assert {"score", "memory"} <= set(manifest["stages"])
-    table = pq.read_table(out / "data")
+    table = pq.read_table(out / "latest" / "data")
     rows = table.to_pylist()
     assert len(rows) == manifest["totals"]["pairs"] > 0
     person_of = {r["image_id"]: r["person_id"] for r in rows}

@@ -134,7 +134,7 @@ class _KillOneCaptionWorker(threading.Thread):
 
 
 def _rows(out: Path) -> list[dict]:
-    table = pq.read_table(out / "data")
+    table = pq.read_table(out / "latest" / "data")
     return sorted(table.to_pylist(), key=lambda r: r["pair_id"])
 
 

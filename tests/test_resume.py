@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pedsynth.schemas.manifest import resolve_build
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,16 +73,17 @@ def test_sigkill_then_rerun_equals_uninterrupted(prefect_server, procedural_smal
         [p for p in (reference / "_work" / "ingest").glob("*.parquet") if "rejects" not in p.name]
     )
     assert 3 <= done_at_kill < total_chunks, "the kill must land part-way through ingest"
-    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("versions/*/manifest.json")) and not (out / "latest").exists()
 
     rerun = subprocess.run(
         _build_cmd(procedural_small, out), env=env, capture_output=True, text=True, timeout=300
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert sorted(p.name for p in (out / "data").iterdir()) == sorted(
-        p.name for p in (reference / "data").iterdir()
+    built, expected = resolve_build(out), resolve_build(reference)
+    assert sorted(p.name for p in (built / "data").iterdir()) == sorted(
+        p.name for p in (expected / "data").iterdir()
     )
-    assert _read_sorted(out / "data").equals(_read_sorted(reference / "data"))
-    assert _read_sorted(out / "rejects").equals(_read_sorted(reference / "rejects"))
+    assert _read_sorted(built / "data").equals(_read_sorted(expected / "data"))
+    assert _read_sorted(built / "rejects").equals(_read_sorted(expected / "rejects"))
     final = [p for p in (out / "_work" / "ingest").glob("*.parquet") if "rejects" not in p.name]
     assert len(final) == total_chunks  # finished shards were reused, none written twice

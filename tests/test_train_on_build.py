@@ -47,7 +47,7 @@ def build(prefect_server, procedural_small, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stored(build) -> dict[str, dict]:
     """The train rows of the build, by pair_id, as the Parquet holds them."""
-    table = ds.dataset(build / "data").to_table(
+    table = ds.dataset(build / "latest" / "data").to_table(
         columns=["pair_id", "image_id", "person_id", "tokens", "token_noise", "hard_negatives"],
         filter=ds.field("split") == "train",
     )

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pedsynth import cli
+from pedsynth.schemas.manifest import resolve_build
 
 
 def _build(out: Path, source: Path) -> dict:
@@ -36,9 +37,10 @@ def built(prefect_server, procedural_small, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def copy(built, tmp_path) -> Path:
+    """A copy of the build; the version folder ``latest`` names in it (verify reads that)."""
     target = tmp_path / "out"
-    shutil.copytree(built, target)
-    return target
+    shutil.copytree(built, target, symlinks=True)  # `latest` stays a relative link
+    return resolve_build(target)
 
 
 def _verify(out: Path, capsys, *extra: str) -> tuple[int, list[str]]:
@@ -66,6 +68,16 @@ def test_a_sound_build_verifies(copy, capsys):
     report = json.loads("\n".join(lines))
     assert code == 0 and report["sound"] is True and report["problems"] == []
     assert report["checked"]["pairs"] == pairs and report["checked"]["images"] > 0
+
+
+def test_verify_of_the_output_folder_reads_the_version_latest_names(copy, capsys):
+    out = copy.parent.parent
+    assert copy.parent.name == "versions" and (out / "latest").is_symlink()
+    code, lines = _verify(out, capsys)
+    assert code == 0 and lines == [lines[-1]] and lines[-1].startswith(f"{copy}: sound"), lines
+    _flip(copy / _manifest(copy)["shards"][0]["path"])
+    code, lines = _verify(out, capsys)
+    assert code == 1 and lines[0].startswith(f"{copy}/data/"), lines
 
 
 def test_a_flipped_byte_in_a_shard_is_named(copy, capsys):
@@ -182,11 +194,12 @@ def test_not_a_build_is_one_error_line(tmp_path, capsys):
 
 
 def _pairs(out: Path) -> pa.Table:
-    table = pq.read_table(out / "data").combine_chunks()
+    table = pq.read_table(resolve_build(out) / "data").combine_chunks()
     return table.take(pc.sort_indices(table, [("pair_id", "ascending")]))
 
 
 def test_resume_recomputes_a_damaged_work_shard(copy, built, procedural_small, caplog):
+    version, copy = copy, copy.parent.parent  # the build runs on the output folder
     ingest = sorted(
         p for p in (copy / "_work" / "ingest").glob("*.parquet") if "rejects" not in p.name
     )
@@ -195,8 +208,8 @@ def test_resume_recomputes_a_damaged_work_shard(copy, built, procedural_small, c
     _flip(damaged)
     with pytest.raises((OSError, ValueError, pa.ArrowException)):
         pq.read_table(damaged, page_checksum_verification=True)
-    (copy / "manifest.json").unlink()  # so the write stage writes the dataset again
-    shutil.rmtree(copy / "data")
+    (version / "manifest.json").unlink()  # so the write stage writes the dataset again
+    shutil.rmtree(version / "data")
     with caplog.at_level(logging.WARNING, logger="pedsynth.tasks.shards"):
         manifest = _build(copy, procedural_small)
     warnings = [r.getMessage() for r in caplog.records if r.name == "pedsynth.tasks.shards"]
@@ -205,4 +218,5 @@ def test_resume_recomputes_a_damaged_work_shard(copy, built, procedural_small, c
     ingest_counts = manifest["stages"]["ingest"]
     assert ingest_counts["reused"] == ingest_counts["shards"] - 1
     pq.read_table(damaged, page_checksum_verification=True)  # whole again
+    assert resolve_build(copy) != version and not version.exists()  # a new one, the old pruned
     assert _pairs(copy).equals(_pairs(built))

@@ -36,9 +36,10 @@ from pedsynth.engines.tiny_models import TINY_PREFIX
 from pedsynth.schemas.edit import DiffusionConfig
 
 _CACHE_KIND = "diffusion"
-TINY_PIPELINES = ("sd-inpaint", "instruct-pix2pix")
+TINY_PIPELINES = ("sd-inpaint", "paint-by-example", "instruct-pix2pix")
 _PIPELINE_CLASSES = {
     "inpaint": "StableDiffusionInpaintPipeline",
+    "paint-by-example": "PaintByExamplePipeline",
     "instruct-pix2pix": "StableDiffusionInstructPix2PixPipeline",
 }
 
@@ -49,6 +50,7 @@ class EditRequest:
     mask: np.ndarray  # (H, W) bool: the pixels the edit may change
     prompt: str
     seed: int
+    reference: np.ndarray | None = None  # (h, w, 3) uint8: paint-by-example's garment image
 
 
 def _tiny_pipeline(name: str) -> Any:
@@ -75,7 +77,7 @@ def _tiny_pipeline(name: str) -> Any:
             block_out_channels=(32, 64),
             layers_per_block=1,
             sample_size=32,
-            in_channels=9 if name == "sd-inpaint" else 8,
+            in_channels=8 if name == "instruct-pix2pix" else 9,
             out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -105,6 +107,23 @@ def _tiny_pipeline(name: str) -> Any:
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
+        image_encoder = None
+        if name == "paint-by-example":
+            from diffusers.pipelines.deprecated.paint_by_example import (
+                PaintByExampleImageEncoder,
+            )
+            from transformers import CLIPVisionConfig
+
+            vision = CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=4,
+                projection_dim=32,
+            )
+            image_encoder = PaintByExampleImageEncoder(vision, proj_size=32)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -113,6 +132,21 @@ def _tiny_pipeline(name: str) -> Any:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    if image_encoder is not None:
+        from diffusers.pipelines.deprecated.paint_by_example import PaintByExamplePipeline
+        from transformers import CLIPImageProcessor
+
+        return PaintByExamplePipeline(
+            vae=vae,
+            image_encoder=image_encoder,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=CLIPImageProcessor(
+                size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+            ),
+            requires_safety_checker=False,
+        )
     cls = (
         StableDiffusionInpaintPipeline
         if name == "sd-inpaint"
@@ -140,18 +174,19 @@ def load_pipeline(config: DiffusionConfig) -> Any:
     dtype = resolve_dtype(config.precision, device)
     if config.model.startswith(TINY_PREFIX):
         tiny = config.model.removeprefix(TINY_PREFIX)
-        expected = "sd-inpaint" if config.method == "inpaint" else "instruct-pix2pix"
+        expected = {"inpaint": "sd-inpaint"}.get(config.method, config.method)
         if tiny != expected:
             raise ValueError(f"method {config.method!r} needs {TINY_PREFIX}{expected}")
         pipe = _tiny_pipeline(tiny)
     else:
         cls = getattr(diffusers, _PIPELINE_CLASSES[config.method])
+        extra = {} if config.method == "paint-by-example" else {"requires_safety_checker": False}
         pipe = cls.from_pretrained(
             config.model,
             revision=config.revision,
             torch_dtype=dtype,
             safety_checker=None,
-            requires_safety_checker=False,
+            **extra,
         )
     pipe = pipe.to(device)
     if pipe.unet.dtype != dtype:
@@ -219,7 +254,6 @@ class DiffusionEngine:
         device = self.pipe.device
         gen_device = device if device.type == "cuda" else "cpu"
         kwargs: dict[str, Any] = {
-            "prompt": [r.prompt for r in requests],
             "image": images,
             "num_inference_steps": cfg.steps,
             "guidance_scale": cfg.guidance_scale,
@@ -228,12 +262,24 @@ class DiffusionEngine:
         }
         if cfg.method == "inpaint":
             kwargs |= {
+                "prompt": [r.prompt for r in requests],
                 "mask_image": masks,
                 "height": cfg.height,
                 "width": cfg.width,
                 "strength": cfg.strength,
             }
+        elif cfg.method == "paint-by-example":
+            missing = [r.seed for r in requests if r.reference is None]
+            if missing:
+                raise ValueError(f"paint-by-example needs a reference image (seeds {missing})")
+            kwargs |= {
+                "example_image": [Image.fromarray(r.reference) for r in requests],
+                "mask_image": masks,
+                "height": cfg.height,
+                "width": cfg.width,
+            }
         else:
+            kwargs["prompt"] = [r.prompt for r in requests]
             kwargs["image_guidance_scale"] = cfg.image_guidance_scale
         kwargs["_pads"] = pads
         return kwargs

@@ -43,6 +43,7 @@ from pedsynth.export.target import (
     write_json,
     write_once,
 )
+from pedsynth.schemas.manifest import resolve_build
 
 IMAGES_DIR = "images"
 JSONL_FILE = "ranking.jsonl"
@@ -108,6 +109,7 @@ def export_ranking(
     if limit is not None and limit < 1:
         raise PreflightError(f"--limit must be at least 1, got {limit}")
     manifest = open_build(out_dir)
+    out_dir = resolve_build(out_dir)  # OUT: the version `latest` names
     meta = read_memory(out_dir)
     if meta is None:
         raise PreflightError(

@@ -18,7 +18,7 @@ from typing import Any
 
 from pedsynth.atomic import atomic_write_bytes
 from pedsynth.errors import PreflightError
-from pedsynth.schemas.manifest import Manifest
+from pedsynth.schemas.manifest import Manifest, resolve_build
 
 JOB_FILE = ".pedsynth-export.json"
 SUMMARY_FILE = "pedsynth_export.json"
@@ -29,7 +29,7 @@ def open_build(out_dir: str | Path) -> Manifest:
 
     Raises :class:`PreflightError` (one line) for a folder that is not a finished build.
     """
-    out = Path(out_dir)
+    out = resolve_build(out_dir)  # OUT: the version `latest` names
     if not out.is_dir():
         raise PreflightError(f"{out} is not a folder (expected a finished pedsynth build)")
     try:

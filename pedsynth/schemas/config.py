@@ -87,6 +87,8 @@ class IngestConfig(StrictModel):
 class WriteConfig(StrictModel):
     card_examples: int = Field(4, ge=0)
     card_plots: bool = True  # False: no histograms, and matplotlib is never imported
+    # Versions kept under OUT/versions/ (latest's included); not part of the fingerprint.
+    keep_versions: int = Field(3, ge=1)
 
 
 _MEMORY_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -17,13 +17,14 @@ from pydantic import Field, model_validator
 from pedsynth.schemas.base import StrictModel
 from pedsynth.schemas.text import EmbedderConfig, EngineConfig
 
-DiffusionMethod = Literal["inpaint", "instruct-pix2pix"]
+DiffusionMethod = Literal["inpaint", "paint-by-example", "instruct-pix2pix"]
 MaskBackend = Literal["procedural", "box"]
 
 
 class DiffusionConfig(StrictModel):
     """One diffusers pipeline. ``method`` picks the pipeline class: ``inpaint``
-    (``StableDiffusionInpaintPipeline``), ``instruct-pix2pix``
+    (``StableDiffusionInpaintPipeline``), ``paint-by-example`` (``PaintByExamplePipeline``:
+    inpainting conditioned on a reference garment image, no prompt), ``instruct-pix2pix``
     (``StableDiffusionInstructPix2PixPipeline``)."""
 
     method: DiffusionMethod = "inpaint"
@@ -106,3 +107,12 @@ class EditConfig(StrictModel):
     diffusion: DiffusionConfig = DiffusionConfig()
     masks: MaskConfig = MaskConfig()
     reannotate: ReannotateConfig = ReannotateConfig()
+    # The reference bank of ``paint-by-example`` (a folder with references.json, as
+    # ``pedsynth sample-data`` writes under BENCH/references).
+    references: str | None = None
+
+    @model_validator(mode="after")
+    def _references_for_paint_by_example(self) -> EditConfig:
+        if self.diffusion.method == "paint-by-example" and self.references is None:
+            raise ValueError("diffusion.method = 'paint-by-example' needs edit.references")
+        return self

@@ -1,13 +1,20 @@
-"""The manifest of a build (``OUT/manifest.json``) and the per-stage counts inside it.
+"""The manifest of a build (``OUT/versions/<id>/manifest.json``) and the counts inside it.
 
 One typed model, written by the write stage and read by the card, ``pedsynth inspect`` and the
 Prefect artifacts alike, so a count means the same thing everywhere. Unknown keys in a file
 are ignored on reading, so a manifest written by a newer pedsynth still loads.
+
+Every build is a version, ``OUT/versions/<id>/`` (``data/``, ``rejects/``, card, manifest), and
+``OUT/latest`` is a relative symlink naming the version readers get. :func:`resolve_build` is the
+one way a reader turns the folder it was given into the build it reads: ``OUT`` resolves to the
+version ``latest`` names; a version folder, or a folder written before versions existed (a
+top-level ``manifest.json``), is read as it is.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +22,28 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 MANIFEST_FILE = "manifest.json"
+VERSIONS_DIR = "versions"
+LATEST = "latest"  # OUT/latest -> versions/<id> (a relative symlink)
+
+
+def latest_version(out_dir: str | Path) -> str | None:
+    """The id of the version ``OUT/latest`` names, or None when there is no pointer."""
+    link = Path(out_dir) / LATEST
+    if not link.is_symlink():
+        return None
+    return Path(os.readlink(link)).name
+
+
+def resolve_build(out_dir: str | Path) -> Path:
+    """The folder of the build a reader of ``out_dir`` reads.
+
+    ``OUT`` with a ``latest`` pointer: the version it names (``OUT/versions/<id>``), fixed at
+    the call, so a reader keeps reading one version while a new one is published. Any other
+    folder (a version folder, a build made before versions, an unfinished output): itself.
+    """
+    out = Path(out_dir)
+    version = latest_version(out)
+    return out if version is None else out / VERSIONS_DIR / version
 
 
 class _Record(BaseModel):
@@ -126,6 +155,28 @@ class Totals(_Record):
     identities_in_several_splits: int = 0
 
 
+class SplitChanges(_Record):
+    """Pairs of one split compared with the previous version, by ``pair_id``."""
+
+    added: int = 0
+    removed: int = 0
+    kept: int = 0
+    changed: int = 0  # of the kept, pairs whose caption differs
+
+
+class StageReuse(_Record):
+    reused: int = 0  # shards a previous run had committed (the shared ``_work`` cache)
+    recomputed: int = 0
+
+
+class Changes(_Record):
+    """What a version changed since the one ``latest`` named when it was built."""
+
+    previous: str | None = None  # version id; None for the first version
+    splits: dict[str, SplitChanges] = Field(default_factory=dict)
+    stages: dict[str, StageReuse] = Field(default_factory=dict)
+
+
 class Manifest(_Record):
     name: str
     schema_version: str
@@ -138,6 +189,8 @@ class Manifest(_Record):
     rejects: list[str]
     stages: dict[str, StageCounts]
     totals: Totals
+    version: str = ""  # its folder's name under OUT/versions/ ("" for a build written in place)
+    changes: Changes | None = None
 
     def save(self, out_dir: str | Path) -> None:
         from pedsynth.atomic import atomic_write_bytes
@@ -147,8 +200,9 @@ class Manifest(_Record):
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Manifest | None:
-        """The manifest of a finished build, or None when there is none."""
-        path = Path(out_dir) / MANIFEST_FILE
+        """The manifest of the finished build ``out_dir`` resolves to (:func:`resolve_build`),
+        or None when there is none."""
+        path = resolve_build(out_dir) / MANIFEST_FILE
         if not path.exists():
             return None
         return cls.model_validate_json(path.read_bytes())

@@ -15,10 +15,11 @@ from typing import Any
 
 from pedsynth.atomic import atomic_write_bytes
 from pedsynth.tasks import card_markdown as md
-from pedsynth.tasks.card_figures import hist_plot, thumbnail
+from pedsynth.tasks.card_figures import edit_grid, hist_plot, thumbnail
 from pedsynth.tasks.card_stats import (
     BuildStats,
     build_totals,
+    edit_summary,
     example_rows,
     rejects_by_stage_reason,
     scan_build,
@@ -145,6 +146,8 @@ def write_dataset_card(out_dir: str | Path, manifest: Mapping[str, Any]) -> Path
     example_split = stats.example_split()
     examples = example_rows(stats, example_split, n_examples) if example_split else []
     example_cells, undecodable = _examples(card_dir / "examples", examples)
+    edits = edit_summary(stats, n_examples)
+    grid = edit_grid(card_dir, edits.examples, plots)
 
     recorded_totals = manifest.get("totals") or {}
     lines, mismatches = split_counts(stats, recorded_totals.get("by_split") or {})
@@ -162,6 +165,7 @@ def write_dataset_card(out_dir: str | Path, manifest: Mapping[str, Any]) -> Path
         md.captions_section(stats),
         *(_plot_links() if plots else []),
         md.examples_section(example_split, example_cells, undecodable),
+        md.edits_section(edits, grid),
         md.how_to_load(out, stats, [e["split"] for e in files]),
         md.columns_section(),
     ]

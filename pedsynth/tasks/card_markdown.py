@@ -413,3 +413,22 @@ def columns_section() -> str:
         + table(["column", "type", "nullable"], rows)
         + "\n"
     )
+
+
+def edits_section(summary: Any, grid: str | None) -> str:
+    """Edited images by region, method and mask backend (:func:`card_stats.edit_summary`),
+    and the before/after grid when one was drawn; empty when the build has no edits."""
+    if not summary.counts:
+        return ""
+    rows = [[r, m, k, fmt(n), fmt(c)] for r, m, k, n, c in summary.counts]
+    parts = [
+        "## Edits\n",
+        f"The edit stage added {fmt(summary.images)} edited images (each a new `image_id`, "
+        "`caption_source=edit`, its parent in `parent_id` and `edit.parent_image_id`). Rejected "
+        "edits are under *Rejects by reason* (stage `edit`).\n",
+        table(["region", "method", "mask", "edited images", "captions"], rows, "lllrr") + "\n",
+    ]
+    if grid:
+        parts.append(f"![Before and after editing]({grid})\n")
+        parts.append("Each pair: the parent image (left) and the edited image (right).\n")
+    return "\n".join(parts)

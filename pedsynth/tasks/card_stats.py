@@ -295,3 +295,109 @@ def rejects_by_stage_reason(
         counted.update(zip(t["stage"].to_pylist(), t["reason"].to_pylist(), strict=True))
     ordered = sorted(counted.items(), key=lambda kv: -kv[1])
     return [(stage, reason, n) for (stage, reason), n in ordered], "rejects/"
+
+
+# --------------------------------------------------------------------------- edits
+
+_EDIT_COLUMNS = ["image_id", "caption_source", "caption", "parent_id", "edit"]
+
+
+@dataclass
+class EditExample:
+    """One edited image of the card's before/after grid."""
+
+    parent_image_id: str
+    image_id: str
+    attribute: str
+    original: str | None
+    target: str
+    before: bytes | None = None
+    after: bytes | None = None
+
+
+@dataclass
+class EditSummary:
+    """Edited images and captions per (region, method, mask backend), and a few examples."""
+
+    counts: list[tuple[str, str, str, int, int]]  # region, method, mask, images, captions
+    examples: list[EditExample]
+
+    @property
+    def images(self) -> int:
+        return sum(c[3] for c in self.counts)
+
+
+def _read_edit_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        if "edit" not in pq.ParquetFile(path).schema_arrow.names:
+            continue
+        edits = [("caption_source", "=", "edit")]
+        table = pq.read_table(path, columns=_EDIT_COLUMNS, filters=edits)
+        rows += table.to_pylist()
+    return rows
+
+
+def _image_bytes(paths: Sequence[Path], image_ids: set[str]) -> dict[str, bytes]:
+    """The bytes of ``image_ids`` (first row of each), reading only their rows' image cells."""
+    found: dict[str, bytes] = {}
+    if not image_ids:
+        return found
+    for path in paths:
+        wanted = sorted(image_ids - set(found))
+        if not wanted:
+            break
+        table = pq.read_table(
+            path, columns=["image_id", "image"], filters=[("image_id", "in", wanted)]
+        )
+        for image_id, image in zip(
+            table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True
+        ):
+            if image_id not in found and image and image.get("bytes"):
+                found[image_id] = image["bytes"]
+    return found
+
+
+def edit_summary(stats: BuildStats, n_examples: int) -> EditSummary:
+    """What the edit stage added to the build: counts over every split, and ``n_examples``
+    evenly spaced edited images (with their parents' bytes) of the first split that has edits.
+    Edits never cross splits, so a parent is looked up in its edit's split only."""
+    images: dict[tuple[str, str, str], set[str]] = {}
+    captions: Counter[tuple[str, str, str]] = Counter()
+    example_split: list[dict[str, Any]] | None = None
+    example_paths: Sequence[Path] = ()
+    for paths in stats.files.values():
+        rows = _read_edit_rows(paths)
+        for row in rows:
+            edit = row.get("edit") or {}
+            region = str(edit.get("attribute") or "?").rsplit("_", 1)[0]
+            key = (region, str(edit.get("method") or "?"), str(edit.get("mask") or "?"))
+            images.setdefault(key, set()).add(row["image_id"])
+            captions[key] += 1
+        if rows and example_split is None:
+            example_split, example_paths = rows, paths
+    lines = [(*key, len(ids), captions[key]) for key, ids in sorted(images.items())]
+    examples: list[EditExample] = []
+    if example_split and n_examples > 0:
+        first: dict[str, dict[str, Any]] = {}
+        for row in sorted(example_split, key=lambda r: r["image_id"]):
+            if row.get("edit"):  # an edit row without its struct has no parent to show
+                first.setdefault(row["image_id"], row)
+        ids = sorted(first)
+        n = min(n_examples, len(ids))
+        for k in [] if n == 0 else sorted({(j * len(ids)) // n for j in range(n)}):
+            edit = first[ids[k]]["edit"]
+            examples.append(
+                EditExample(
+                    edit["parent_image_id"],
+                    ids[k],
+                    edit["attribute"],
+                    edit.get("original"),
+                    edit["target"],
+                )
+            )
+        wanted = {e.image_id for e in examples} | {e.parent_image_id for e in examples}
+        data = _image_bytes(example_paths, wanted)
+        for e in examples:
+            e.before, e.after = data.get(e.parent_image_id), data.get(e.image_id)
+    return EditSummary(lines, examples)

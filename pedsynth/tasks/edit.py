@@ -30,8 +30,12 @@ re-annotator. The parent rows pass through unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +74,8 @@ class _Edit:
     seed: int  # diffusion seed
     mask: Mask | None = None
     pixels: np.ndarray | None = None  # the decoded parent image
+    reference: str | None = None  # paint-by-example: the reference's path in the bank
+    reference_pixels: np.ndarray | None = None
 
     @property
     def new_image_id(self) -> str:
@@ -111,6 +117,32 @@ def _decode(data: bytes | None) -> np.ndarray | None:
             return np.asarray(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError, EOFError):
         return None
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_index(folder: str) -> dict[tuple[str, str], dict[str, str]]:
+    """(region, colour) -> {type: path} of a reference bank's ``references.json``."""
+    from pedsynth.procedural.references import INDEX
+
+    data = json.loads((Path(folder) / INDEX).read_text("utf-8"))
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for entry in data["references"]:
+        out.setdefault((entry["region"], entry["colour"]), {})[entry["type"]] = entry["path"]
+    return out
+
+
+def _find_reference(
+    folder: str | None, region: str, types: list[str], colour: str | None
+) -> str | None:
+    """The bank's reference of ``region`` in ``colour``: of the first of ``types`` it has, else
+    of any type (the first by name); None when it has none in that colour."""
+    if folder is None or colour is None or not (Path(folder) / "references.json").is_file():
+        return None
+    by_type = _reference_index(str(Path(folder).absolute())).get((region, colour), {})
+    for garment in types:
+        if garment in by_type:
+            return by_type[garment]
+    return by_type[min(by_type)] if by_type else None
 
 
 class EditStage:
@@ -180,6 +212,8 @@ class EditStage:
                         problem = (mask.problem, mask.detail)
                     else:
                         edit = _Edit(image_id, k, tuple(parents), spec, edit.seed, mask, pixels)
+                if problem is None and cfg.diffusion.method == "paint-by-example":
+                    edit, problem = self._with_reference(edit, facts)
                 if problem is not None:
                     reason, detail = problem
                     for p in parents:
@@ -188,6 +222,28 @@ class EditStage:
                     continue
                 edits.append(edit)
         return edits, rejects
+
+    def _with_reference(
+        self, edit: _Edit, facts: dict[str, tuple[str, ...]]
+    ) -> tuple[_Edit, tuple[str, str] | None]:
+        """The edit with its reference garment image from the bank, or the reject reason:
+        ``no_reference`` (the bank has none for the target) or ``bad_reference`` (its file
+        does not decode)."""
+        spec = edit.spec
+        stated = lambda fact: [v for v in facts.get(fact, ()) if v not in ("none", "no")]  # noqa: E731
+        if spec.kind == "colour":
+            types, colour = stated(f"{spec.region}_type"), spec.to
+        else:
+            types, colour = [spec.to], next(iter(stated(f"{spec.region}_colour")), None)
+        path = _find_reference(self.config.references, spec.region, types, colour)
+        if path is None:
+            detail = f"the reference bank has no {spec.region} {'/'.join(types)} in {colour}"
+            return edit, ("no_reference", detail)
+        full = Path(self.config.references) / path
+        pixels = _decode(full.read_bytes() if full.is_file() else None)
+        if pixels is None:
+            return edit, ("bad_reference", f"the reference image {path} does not decode")
+        return dataclasses.replace(edit, reference=path, reference_pixels=pixels), None
 
     @staticmethod
     def _problem(b, edit: _Edit) -> tuple[str, str] | None:
@@ -280,7 +336,9 @@ class EditStage:
             types = _merged_facts([p["caption"] for p in e.parents]).get(f"{e.spec.region}_type")
             garment = next((t for t in types or () if t != "none"), None)
             prompt = b.prompt_for(e.spec, garment)
-            requests.append(EditRequest(e.pixels, e.mask.pixels, prompt, e.seed))
+            requests.append(
+                EditRequest(e.pixels, e.mask.pixels, prompt, e.seed, e.reference_pixels)
+            )
         out = []
         for edited in engine.edit(requests):
             buffer = io.BytesIO()
@@ -319,7 +377,7 @@ class EditStage:
                 "parent_image_id": edit.image_id,
                 "attribute": spec.fact,
                 "target": spec.to,
-                "reference_image_id": None,
+                "reference_image_id": edit.reference,
                 "method": cfg.diffusion.method,
                 "strength": cfg.diffusion.strength,
                 "original": spec.original,

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pedsynth.schemas.config import IngestConfig, SourceConfig
+from pedsynth.schemas.manifest import resolve_build
 from pedsynth.schemas.tables import CATALOG_SCHEMA
 from pedsynth.tasks import ingest
 from pedsynth.tasks.shards import ShardResult, code_version, file_sha256, fingerprint, run_shard
@@ -100,6 +101,7 @@ def shard_files(root: Path) -> list[Path]:
         return [root]
     if not root.exists():
         raise FileNotFoundError(f"shards source not found: {root}")
+    root = resolve_build(root)  # a finished output: the version `latest` names
     data = root / "data" if (root / "data").is_dir() else root
     files = sorted(data.glob("*.parquet"))
     if not files:

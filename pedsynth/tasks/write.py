@@ -1,9 +1,11 @@
 """The write stage: final Parquet shards, the rejects table, the dataset card and the manifest.
 
-Final shards use the Hugging Face layout ``OUT/data/{split}-{i:05d}-of-{n:05d}.parquet`` so
-``datasets.load_dataset(OUT)`` finds the splits. ``manifest.json`` is written last: it is the
-commit marker of a build, and its ``build_fingerprint`` lets a rerun over a finished output do
-nothing at all.
+Each build is a new version folder ``OUT/versions/<id>/`` (:mod:`pedsynth.versions`); a
+finished version is never written over. Inside it, final shards use the Hugging Face layout
+``data/{split}-{i:05d}-of-{n:05d}.parquet`` so ``datasets.load_dataset(OUT/latest)`` finds the
+splits. ``manifest.json`` is written last: it is the commit marker of a version, and its
+``build_fingerprint`` lets a rerun with the same inputs find the version and write nothing.
+``OUT/latest`` moves to a new version only after it verifies; old versions are pruned.
 """
 
 from __future__ import annotations
@@ -20,8 +22,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pedsynth import versions
 from pedsynth.schemas.config import WriteConfig
-from pedsynth.schemas.manifest import MANIFEST_FILE, Manifest, StageCounts
+from pedsynth.schemas.manifest import (
+    MANIFEST_FILE,
+    Changes,
+    Manifest,
+    SplitChanges,
+    StageCounts,
+    StageReuse,
+    latest_version,
+)
 from pedsynth.schemas.tables import (
     PAIRS_SCHEMA,
     REJECTS_SCHEMA,
@@ -29,6 +40,7 @@ from pedsynth.schemas.tables import (
     reject_row,
     rejects_table,
 )
+from pedsynth.tasks.memory_index import MEMORY_DIR
 from pedsynth.tasks.shards import (
     ShardResult,
     code_version,
@@ -208,10 +220,14 @@ def write_dataset(
     stages: dict[str, StageCounts],
     build_fp: str | None = None,
     code_hashes: dict[str, str] | None = None,
+    version: str = "",
+    previous: tuple[Path, Manifest] | None = None,
 ) -> Manifest:
-    """Write the final dataset from the last stage's shards (in order) and all stages' rejects.
+    """Write the final dataset from the last stage's shards (in order) and all stages' rejects
+    into the folder ``out_dir`` (a version folder, from :class:`WriteStage`).
 
     Returns the manifest. Skips everything when a manifest for the same build is already there.
+    ``previous`` (folder, manifest) is the version this one is compared to in ``changes``.
     """
     started = time.monotonic()
     out = Path(out_dir)
@@ -271,6 +287,8 @@ def write_dataset(
         rejects=reject_files,
         stages={**stages, STAGE: own},
         totals=_totals(shards, out, rejects.num_rows),
+        version=version,
+        changes=_changes(out, shards, stages, previous),
     )
     if manifest.totals.identities_in_several_splits:
         log.warning(
@@ -281,6 +299,54 @@ def write_dataset(
     _write_card(out, manifest)
     manifest.save(out)  # last: the commit marker of the build
     return manifest
+
+
+def _pairs(folder: Path, shards: list[Any]) -> dict[str, dict[str, str | None]]:
+    """split -> pair_id -> caption, read from the shards (three columns, never images)."""
+    found: dict[str, dict[str, str | None]] = defaultdict(dict)
+    for shard in shards:
+        path = shard["path"] if isinstance(shard, dict) else shard.path
+        cols = pq.read_table(folder / path, columns=["pair_id", "split", "caption"])
+        for pair_id, split, caption in zip(
+            *(cols.column(c).to_pylist() for c in ("pair_id", "split", "caption")), strict=True
+        ):
+            found[split][pair_id] = caption
+    return found
+
+
+def _changes(
+    out: Path,
+    shards: list[dict],
+    stages: dict[str, StageCounts],
+    previous: tuple[Path, Manifest] | None,
+) -> Changes:
+    """Rows added, removed, kept and changed per split since ``previous``, and per stage the
+    shards reused from the shared work cache against those computed again."""
+    reuse = {
+        name: StageReuse(reused=c.reused, recomputed=c.shards - c.reused)
+        for name, c in stages.items()
+    }
+    new = _pairs(out, shards)
+    old: dict[str, dict[str, str | None]] = {}
+    if previous is not None:
+        try:
+            old = _pairs(previous[0], previous[1].shards)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            log.warning("%s cannot be read to compare with (%s)", previous[0], exc)
+            return Changes(previous=previous[1].version or None, stages=reuse)
+    splits = {}
+    for split in sorted(set(new) | set(old)):
+        now, before = new.get(split, {}), old.get(split, {})
+        kept = now.keys() & before.keys()
+        splits[split] = SplitChanges(
+            added=len(now.keys() - before.keys()),
+            removed=len(before.keys() - now.keys()),
+            kept=len(kept),
+            changed=sum(1 for p in kept if now[p] != before[p]),
+        )
+    return Changes(
+        previous=previous[1].version or None if previous else None, splits=splits, stages=reuse
+    )
 
 
 def _write_card(out: Path, manifest: Manifest) -> None:
@@ -298,17 +364,27 @@ class WriteStage:
         self.config = config
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        return {"write": self.config.model_dump(mode="json"), "schema": SCHEMA_VERSION}
+        # Pruning settings shape no output: changing them makes no new version.
+        write = self.config.model_dump(mode="json", exclude={"keep_versions"})
+        return {"write": write, "schema": SCHEMA_VERSION}
 
     def run(self, shards: list[ShardResult], context: Any) -> list[ShardResult]:
-        """Final shards as results: one per file; the first carries the write rejects."""
+        """Final shards as results: one per file; the first carries the write rejects.
+
+        The version of this build fingerprint is found, or written as a new version; then
+        ``latest`` moves to it once it verifies, and old versions are pruned."""
         out = Path(context.out_dir)
         build_fp = fingerprint(stage=context.fingerprint, shard_rows=context.shard_rows)
-        manifest = finished_manifest(out, build_fp)
+        version, manifest = find_version(out, build_fp)
         reused = manifest is not None
         if manifest is None:
+            previous = versions.previous_manifest(out)
+            version = versions.new_version_id(out, build_fp)
+            folder = versions.versions_dir(out) / version
+            if "memory" in context.stages and (out / MEMORY_DIR).is_dir():
+                versions.link_tree(out / MEMORY_DIR, folder / MEMORY_DIR)
             manifest = write_dataset(
-                out,
+                folder,
                 shards,
                 list(context.reject_paths),
                 shard_rows=context.shard_rows,
@@ -316,14 +392,23 @@ class WriteStage:
                 stages=context.stages,
                 build_fp=build_fp,
                 code_hashes=context.code_hashes,
+                version=version,
+                previous=(
+                    (versions.versions_dir(out) / previous.version, previous)
+                    if previous is not None
+                    else None
+                ),
             )
+        publish(out, version)
+        versions.prune(out, self.config.keep_versions, current=version)
+        folder = versions.versions_dir(out) / version
         own = manifest.stages[STAGE]
         return [
             ShardResult(
                 stage=STAGE,
                 key=Path(entry.path).stem,
                 fingerprint=build_fp,
-                path=str(out / entry.path),
+                path=str(folder / entry.path),
                 rejects_path="",
                 rows=entry.rows,
                 rejected=own.rejected if i == 0 else 0,
@@ -332,6 +417,37 @@ class WriteStage:
             )
             for i, entry in enumerate(manifest.shards)
         ]
+
+
+def find_version(out_dir: Path, build_fp: str) -> tuple[str, Manifest | None]:
+    """The newest finished version of ``build_fp`` whose shards match their checksums (the one
+    ``latest`` names first), or ``("", None)``."""
+    ids = versions.version_ids(out_dir)
+    candidates = [v for v in ids if versions.fingerprint_of(v) == build_fp]
+    current = latest_version(out_dir)
+    candidates.sort(key=lambda v: (v == current, v), reverse=True)
+    for version in candidates:
+        manifest = finished_manifest(versions.versions_dir(out_dir) / version, build_fp)
+        if manifest is not None:
+            return version, manifest
+    return "", None
+
+
+def publish(out_dir: Path, version: str) -> None:
+    """Move ``latest`` to ``version`` once it verifies (nothing to do when it names it)."""
+    from pedsynth.verify import verify
+
+    if latest_version(out_dir) == version:
+        return
+    report = verify(versions.versions_dir(out_dir) / version)
+    if not report.sound:
+        first = report.problems[0].line(Path(report.out))
+        raise RuntimeError(
+            f"version {version} does not verify ({len(report.problems)} problems, e.g. "
+            f"{first}); {out_dir / 'latest'} still names the version before it"
+        )
+    versions.point_latest(out_dir, version)
+    log.info("%s now names version %s", out_dir / "latest", version)
 
 
 def build_stage(config: WriteConfig, seed: int = 0) -> WriteStage:

@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from pedsynth.schemas.manifest import resolve_build
+
 TEXT_COLUMNS = [
     "image_id",
     "person_id",
@@ -34,6 +36,7 @@ TEXT_COLUMNS = [
 ]
 FILE_BLOCK_ROWS = 1_000  # raw datasets: images per "block" for the shuffling windows
 ROW_GROUP_CACHE = 16
+BASE_SOURCES = ("original", "edit")  # a training sample's own caption; the rest feed BSS
 
 
 class DataError(ValueError):
@@ -57,9 +60,11 @@ class ImageRef:
 class SplitIndex:
     """The text side of one split, plus where each of its images is.
 
-    ``samples`` are training units: one per original caption (or per caption of an image
-    that has no original). ``augmented[image]`` lists the non-original captions of an image
-    (rewrite / mllm / edit rows of the same image), BSS's pool.
+    ``samples`` are training units: one per base caption (or per caption of an image that
+    has none). ``augmented[image]`` lists the other captions of an image (rewrite / mllm rows
+    of the same image), BSS's pool. Base captions are :data:`BASE_SOURCES`: the originals, and
+    the re-annotated captions of an edited image (an edit row has a new ``image_id``: a new
+    image whose own caption it is, and a rewrite of it is that image's augmented caption).
     """
 
     name: str
@@ -93,10 +98,10 @@ def _finish(index: SplitIndex) -> SplitIndex:
     for c, image in enumerate(index.caption_image):
         by_image[image].append(c)
     for image, captions in by_image.items():
-        originals = [c for c in captions if index.caption_original[c]]
-        augmented = [c for c in captions if not index.caption_original[c]]
-        index.samples.extend(originals or augmented)
-        if originals and augmented:
+        base = [c for c in captions if index.caption_source[c] in BASE_SOURCES]
+        augmented = [c for c in captions if index.caption_source[c] not in BASE_SOURCES]
+        index.samples.extend(base or augmented)
+        if base and augmented:
             index.augmented[image] = augmented
     index.samples.sort()
     return index
@@ -104,7 +109,7 @@ def _finish(index: SplitIndex) -> SplitIndex:
 
 def shard_files(data_dir: str | Path, split: str) -> list[Path]:
     """``OUT/data/{split}-*.parquet`` of a pedsynth build (``data_dir`` may be OUT or OUT/data)."""
-    root = Path(data_dir)
+    root = resolve_build(data_dir)  # OUT: the version `latest` names
     folder = root / "data" if (root / "data").is_dir() else root
     return sorted(folder.glob(f"{split}-*.parquet"))
 

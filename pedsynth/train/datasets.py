@@ -301,12 +301,16 @@ class DrawCounts:
     rates came from the stored ``token_noise`` and those that fell back to the constant rate (no
     levels stored, or levels whose tokens disagree with the trainer's); hard negatives — batch
     slots filled with a stored hard negative of a batch caption, and random fills; BSS — items
-    that used an augmented caption, by ``caption_source``.
+    that used an augmented caption, by ``caption_source``. ``edited`` (reported when there are
+    any) counts items of edited images (the edit stage's rows: new images, not BSS captions).
     """
 
     def __init__(self, index: SplitIndex, counts: dict[str, int] | None = None) -> None:
         self.index = index
         self.counts: dict[str, int] = defaultdict(int, counts or {})
+        self.edited = {
+            index.caption_image[c] for c, s in enumerate(index.caption_source) if s == "edit"
+        }
 
     def add(self, batch: dict[str, Any], hard_slots: int) -> None:
         """Count one collated batch of :class:`TrainDataset` items (``hard_slots`` of them the
@@ -322,6 +326,8 @@ class DrawCounts:
         ):
             if used:
                 c[f"augmented_{self.index.caption_source[caption]}"] += 1
+            if self.index.caption_image[caption] in self.edited:
+                c["edited"] += 1
 
     @staticmethod
     def summary(
@@ -330,6 +336,8 @@ class DrawCounts:
         c = defaultdict(int, counts)
         items = c["items"]
         out: dict[str, Any] = {"items": items}
+        if c["edited"]:
+            out["edited"] = c["edited"]
         if nam:
             uniform = c["noise_none"] + c["noise_misaligned"]
             out["nam"] = {
