@@ -140,6 +140,20 @@ def test_a_truncated_image_is_named(copy, capsys):
     assert len(problems) == 1 and "does not decode" in problems[0], lines
 
 
+def test_the_check_before_latest_moves_reads_checksums_not_pixels(copy):
+    """The build's own check (``decode_images=False``) still finds a damaged file, and leaves
+    the decoding of every image to ``pedsynth verify``."""
+    from pedsynth.schemas.manifest import resolve_build
+    from pedsynth.verify import verify
+
+    full, quick = verify(copy), verify(copy, decode_images=False)
+    assert full.sound and quick.sound
+    assert full.images > 0 and quick.images == 0
+    version = resolve_build(copy)
+    _flip(version / _manifest(version)["shards"][0]["path"])
+    assert not verify(copy, decode_images=False).sound
+
+
 def test_a_repeated_pair_id_and_a_wrong_schema_are_named(copy, capsys):
     manifest = _manifest(copy)
     other = pq.read_table(copy / manifest["shards"][1]["path"])
