@@ -192,7 +192,9 @@ def run_ablation(
         data = build_noisy_dataset(benchmark, out / "dataset", corrupt, base.seed)
     for name in chosen:
         if name in FILTER_ROWS:
-            rows[name] = (filters[name]["data"], [])
+            # Rewrites reach training through BSS's pool of augmented captions; without it
+            # every filter row would train on the same originals.
+            rows[name] = (filters[name]["data"], ["text.bss=true", "text.bss_beta=1.0"])
         else:
             settings = [f"{k}={str(v).lower()}" for k, v in VARIANTS[name].items()]
             rows[name] = (str(data), settings)
