@@ -35,9 +35,9 @@ import pyarrow.compute as pc
 from pedsynth.engines.text import ChatRequest, derive_seed, get_generator
 from pedsynth.prompts import content_hash, load_prompt, load_templates
 from pedsynth.schemas.base import shaping_dump
-from pedsynth.schemas.tables import PAIRS_SCHEMA, pairs_table, rejects_table, stable_id
+from pedsynth.schemas.tables import pairs_table, rejects_table, stable_id
 from pedsynth.schemas.text import CaptionConfig
-from pedsynth.tasks.regenerate import Check, Draft, Slot, regenerate
+from pedsynth.tasks.regenerate import Check, Draft, Slot, SlotStage, regenerate
 from pedsynth.tasks.shards import with_requests
 from pedsynth.tasks.text_checks import generated_text_check
 
@@ -63,7 +63,7 @@ class _Job:
         return f"{self.image_row['source']}/mllm{self.k}"
 
 
-class CaptionStage:
+class CaptionStage(SlotStage):
     name = "caption"
 
     def __init__(self, config: CaptionConfig, seed: int):
@@ -122,17 +122,6 @@ class CaptionStage:
         return rows
 
     # ------------------------------------------------------------------ running
-
-    def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
-        table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
-        return self._run(table, base=table, only=None)
-
-    def retry(
-        self, table: pa.Table, earlier: pa.Table, failed: frozenset[str]
-    ) -> tuple[pa.Table, pa.Table]:
-        """Send again only the caption slots in ``failed``; keep ``earlier``'s rows."""
-        table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
-        return self._run(table, base=earlier.cast(PAIRS_SCHEMA), only=failed)
 
     def _run(
         self, table: pa.Table, *, base: pa.Table, only: frozenset[str] | None

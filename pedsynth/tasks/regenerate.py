@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import pyarrow as pa
+
 from pedsynth.engines.text import ChatRequest, GenerationResult, Generator, derive_seed
-from pedsynth.schemas.tables import reject_row
+from pedsynth.schemas.tables import PAIRS_SCHEMA, reject_row
 
 P = TypeVar("P")
 
@@ -191,3 +193,25 @@ def _judge(
             else:
                 verdicts[i] = verdict
     return [v if isinstance(v, Rejected) else (v, scores[i]) for i, v in enumerate(verdicts)]
+
+
+class SlotStage:
+    """The call and the retry of a stage whose output is its input plus one row per kept slot:
+    a subclass implements ``_run(table, base=, only=)`` (``only``: the slot sources to send,
+    None for all) and gets both entry points of the stage contract."""
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
+        return self._run(table, base=table, only=None)
+
+    def retry(
+        self, table: pa.Table, earlier: pa.Table, failed: frozenset[str]
+    ) -> tuple[pa.Table, pa.Table]:
+        """Send again only the slots in ``failed``; keep ``earlier``'s rows."""
+        table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
+        return self._run(table, base=earlier.cast(PAIRS_SCHEMA), only=failed)
+
+    def _run(
+        self, table: pa.Table, *, base: pa.Table, only: frozenset[str] | None
+    ) -> tuple[pa.Table, pa.Table]:
+        raise NotImplementedError

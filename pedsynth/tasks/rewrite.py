@@ -32,10 +32,18 @@ from pedsynth.engines.embedder import get_embedder
 from pedsynth.engines.text import ChatRequest, get_generator
 from pedsynth.prompts import load_prompt
 from pedsynth.schemas.base import shaping_dump
-from pedsynth.schemas.tables import PAIRS_SCHEMA, pairs_table, rejects_table, stable_id
+from pedsynth.schemas.tables import pairs_table, rejects_table, stable_id
 from pedsynth.schemas.text import RewriteConfig
 from pedsynth.tasks.faithfulness import faithfulness_check
-from pedsynth.tasks.regenerate import BatchCheck, Check, Draft, Rejected, Slot, regenerate
+from pedsynth.tasks.regenerate import (
+    BatchCheck,
+    Check,
+    Draft,
+    Rejected,
+    Slot,
+    SlotStage,
+    regenerate,
+)
 from pedsynth.tasks.shards import with_requests
 from pedsynth.tasks.text_checks import generated_text_check
 
@@ -76,7 +84,7 @@ def _changed(draft: Draft[_Job], text: str) -> str | Rejected:
     return text
 
 
-class RewriteStage:
+class RewriteStage(SlotStage):
     name = "rewrite"
 
     def __init__(self, config: RewriteConfig, seed: int):
@@ -113,17 +121,6 @@ class RewriteStage:
             embedder = get_embedder(cfg.embedder) if cfg.alpha is not None else None
             checks.append(faithfulness_check(embedder, cfg.alpha, cfg.attributes))
         return checks
-
-    def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
-        table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
-        return self._run(table, base=table, only=None)
-
-    def retry(
-        self, table: pa.Table, earlier: pa.Table, failed: frozenset[str]
-    ) -> tuple[pa.Table, pa.Table]:
-        """Send again only the rewrite slots in ``failed``; keep ``earlier``'s rows."""
-        table = table.cast(PAIRS_SCHEMA) if table.schema != PAIRS_SCHEMA else table
-        return self._run(table, base=earlier.cast(PAIRS_SCHEMA), only=failed)
 
     def _run(
         self, table: pa.Table, *, base: pa.Table, only: frozenset[str] | None
