@@ -55,8 +55,11 @@ def _build(args: argparse.Namespace) -> int:
 
     # The lock before any write (a second build refuses or waits); a temporary Prefect server
     # of our own that dies with this process, however it dies.
-    with build_lock(cfg.out, wait=args.wait), own_ephemeral_server(cfg.out):
-        errors.start_log_file(cfg.out, "build", debug=args.debug)
+    from pedsynth.storage import working_folder
+
+    work = working_folder(cfg.out, cfg.storage.cache_dir)  # `out`, or its local copy for a URL
+    with build_lock(work, wait=args.wait), own_ephemeral_server(work):
+        errors.start_log_file(work, "build", debug=args.debug)
         errors.quiet_prefect_tracebacks(debug=args.debug)
         manifest = build_dataset(
             config=args.config,
@@ -137,7 +140,7 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         for problem in report.problems:
-            print(problem.line(Path(report.out)))
+            print(problem.line(report.out))
         print(report.summary())
     return 0 if report.sound else 1
 

@@ -12,6 +12,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from pedsynth import storage
 from pedsynth.errors import PreflightError
 from pedsynth.schemas.config import BuildConfig, SourceConfig
 
@@ -48,6 +49,14 @@ def check_output(out: str | Path) -> None:
 def check_source(source: SourceConfig) -> None:
     """The source's files are where its format expects them (procedural ones are generated)."""
     path = Path(source.path).expanduser()
+    if storage.is_url(source.path):
+        if source.format == "procedural":
+            raise ValueError(
+                f"procedural source {source.label!r}: generated on a local disk; give a local "
+                f"path, not {source.path}"
+            )
+        storage.check_store(source.path, cfg_block=None, write=False)
+        return
     if source.format == "procedural":
         return
     if source.format == "shards":
@@ -83,4 +92,6 @@ def check_build(cfg: BuildConfig) -> None:
         from pedsynth.prompts import load_templates
 
         load_templates(cfg.caption.templates)  # a missing or malformed file: one line, now
-    check_output(cfg.out)
+    if storage.is_url(cfg.out):
+        storage.check_store(cfg.out, cfg_block=cfg.storage.credentials_block, write=True)
+    check_output(storage.working_folder(cfg.out, cfg.storage.cache_dir))

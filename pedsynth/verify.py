@@ -17,6 +17,7 @@ stopping at the first, so one run lists everything to repair.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -38,8 +39,8 @@ class Problem:
     file: str  # relative to the output folder
     problem: str
 
-    def line(self, out: Path) -> str:
-        return f"{out / self.file}: {self.problem}"
+    def line(self, out: str | Path) -> str:
+        return f"{str(out).rstrip('/')}/{self.file}: {self.problem}"
 
 
 @dataclass
@@ -90,7 +91,8 @@ def load_manifest(out: str | Path) -> Manifest:
         raise PreflightError(f"{out}: {MANIFEST_FILE} cannot be read: {exc}") from None
     if manifest is None:
         raise PreflightError(
-            f"{Path(out) / MANIFEST_FILE} not found (is {out} a finished pedsynth build?)"
+            f"{str(out).rstrip('/')}/{MANIFEST_FILE} not found "
+            f"(is {out} a finished pedsynth build?)"
         )
     return manifest
 
@@ -103,9 +105,10 @@ def verify(out_dir: str | Path, *, decode_images: bool = True) -> Report:
     out = resolve_build(out_dir)
     manifest = load_manifest(out)
     report = Report(str(out))
+    tree = _Tree(out)
     seen_pairs: dict[str, str] = {}
     for entry in manifest.shards:
-        _check_shard(out, entry, manifest.schema_version, seen_pairs, report, decode_images)
+        _check_shard(tree, entry, manifest.schema_version, seen_pairs, report, decode_images)
     report.shards = len(manifest.shards)
     if report.pairs != manifest.totals.pairs:
         report.add(
@@ -113,7 +116,7 @@ def verify(out_dir: str | Path, *, decode_images: bool = True) -> Report:
             f"totals say {manifest.totals.pairs} pairs, the shards hold {report.pairs}",
         )
     for rel in manifest.rejects:
-        _check_rejects(out, rel, report)
+        _check_rejects(tree, rel, report)
     if report.rejects != manifest.totals.rejects:
         report.add(
             MANIFEST_FILE,
@@ -122,38 +125,58 @@ def verify(out_dir: str | Path, *, decode_images: bool = True) -> Report:
         )
     named = {e.path for e in manifest.shards} | set(manifest.rejects)
     for sub in (DATA_DIR, REJECTS_DIR):
-        folder = out / sub
-        if not folder.is_dir():
-            continue
-        for name in sorted(p.name for p in folder.iterdir()):
+        for name in tree.names(sub):
             rel = f"{sub}/{name}"
             if rel in named:
                 continue
             what = "a temporary file left by an interrupted write" if ".tmp-" in name else "a file"
             report.add(rel, f"{what} the manifest does not name")
-    _check_memory(out, manifest, report)
+    _check_memory(tree, manifest, report)
     return report
 
 
+class _Tree:
+    """The files of one build, on a local disk or in a store (fsspec), read the same way."""
+
+    def __init__(self, out: str | Path):
+        from pedsynth.storage import url_fs
+
+        self.fs, root = url_fs(str(out))
+        self.root = root.rstrip("/")
+
+    def read(self, rel: str) -> bytes | None:
+        """The whole file, or None when it is not there."""
+        try:
+            return self.fs.cat_file(f"{self.root}/{rel}")
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def names(self, sub: str) -> list[str]:
+        try:
+            found = self.fs.ls(f"{self.root}/{sub}", detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(str(p).rstrip("/").rpartition("/")[2] for p in found)
+
+
 def _check_shard(
-    out: Path,
+    tree: _Tree,
     entry,
     schema_version: str,
     seen_pairs: dict[str, str],
     report: Report,
     decode_images: bool,
 ) -> None:
-    from pedsynth.tasks.shards import file_sha256
-
-    rel, path = entry.path, out / entry.path
-    if not path.is_file():
+    rel = entry.path
+    data = tree.read(rel)
+    if data is None:
         report.add(rel, "missing (named by the manifest)")
         return
-    digest = file_sha256(path)
+    digest = hashlib.sha256(data).hexdigest()
     if digest != entry.sha256:
         report.add(rel, f"sha256 {digest[:12]}… differs from the manifest's {entry.sha256[:12]}…")
     try:
-        table = pq.read_table(path, page_checksum_verification=True)
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     except (OSError, ValueError, pa.ArrowException) as exc:
         report.add(rel, f"cannot be read: {exc}")
         return
@@ -222,13 +245,13 @@ def _check_images(rel: str, table: pa.Table, report: Report) -> None:
             )
 
 
-def _check_rejects(out: Path, rel: str, report: Report) -> None:
-    path = out / rel
-    if not path.is_file():
+def _check_rejects(tree: _Tree, rel: str, report: Report) -> None:
+    data = tree.read(rel)
+    if data is None:
         report.add(rel, "missing (named by the manifest)")
         return
     try:
-        table = pq.read_table(path, page_checksum_verification=True)
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     except (OSError, ValueError, pa.ArrowException) as exc:
         report.add(rel, f"cannot be read: {exc}")
         return
@@ -237,7 +260,7 @@ def _check_rejects(out: Path, rel: str, report: Report) -> None:
     report.rejects += table.num_rows
 
 
-def _check_memory(out: Path, manifest: Manifest, report: Report) -> None:
+def _check_memory(tree: _Tree, manifest: Manifest, report: Report) -> None:
     from pedsynth.tasks.memory_index import (
         CAPTIONS_INDEX,
         IMAGES_INDEX,
@@ -245,12 +268,14 @@ def _check_memory(out: Path, manifest: Manifest, report: Report) -> None:
         MEMORY_FILE,
     )
 
-    folder = out / MEMORY_DIR
-    if "memory" not in manifest.stages and not folder.exists():
-        return
     meta_rel = f"{MEMORY_DIR}/{MEMORY_FILE}"
+    meta = tree.read(meta_rel)
+    if "memory" not in manifest.stages and meta is None and not tree.names(MEMORY_DIR):
+        return
     try:
-        counts = json.loads((folder / MEMORY_FILE).read_text())["counts"]
+        if meta is None:
+            raise FileNotFoundError("missing")
+        counts = json.loads(meta)["counts"]
     except (OSError, ValueError, KeyError) as exc:
         report.add(meta_rel, f"cannot be read: {exc}")
         return
@@ -261,11 +286,15 @@ def _check_memory(out: Path, manifest: Manifest, report: Report) -> None:
         CAPTIONS_INDEX: (manifest.totals.pairs + duplicate_pairs, "the manifest's pairs"),
     }
     import faiss
+    import numpy as np
 
     for name, (want, where) in expected.items():
         rel = f"{MEMORY_DIR}/{name}"
         try:
-            ntotal = faiss.read_index(str(folder / name)).ntotal
+            blob = tree.read(rel)
+            if blob is None:
+                raise RuntimeError("missing")
+            ntotal = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)).ntotal
         except Exception as exc:  # faiss raises RuntimeError with its own message
             report.add(rel, f"cannot be read: {str(exc).strip().splitlines()[0]}")
             continue

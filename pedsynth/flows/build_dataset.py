@@ -24,22 +24,26 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from pydantic import BaseModel
 
+from pedsynth import storage
 from pedsynth.errors import FailureBudgetExceeded
 from pedsynth.lock import locks_output
 from pedsynth.redact import install_log_redaction
 from pedsynth.runners import LoadReport, engine_loads, reporting_loads, stage_options, task_runner
-from pedsynth.schemas.config import BuildConfig, SourceConfig, load_config
+from pedsynth.schemas.config import BuildConfig, SourceConfig, StorageConfig, load_config
 from pedsynth.schemas.manifest import Manifest, StageCounts
 from pedsynth.tasks import sources as source_tasks
 from pedsynth.tasks import stages as registry
-from pedsynth.tasks.shards import FAILURE_REASONS, MAX_ATTEMPTS, ShardResult
+from pedsynth.tasks.shards import FAILURE_REASONS, MAX_ATTEMPTS, WORK_DIR, ShardResult
 
 # Resume is by output fingerprint (tasks/shards.py), which survives a lost Prefect database;
 # Prefect's own result cache is therefore off for these tasks.
 
 
 @task(name="catalog", cache_policy=NO_CACHE)
-def catalog_source(source: SourceConfig, out: str, shard_rows: int):
+def catalog_source(source: SourceConfig, out: str, shard_rows: int, store: StorageConfig):
+    if storage.is_url(source.path):  # read from a local mirror of the store's files
+        local = storage.sync_source(source.path, store.cache_dir, store.credentials_block)
+        source = source.model_copy(update={"path": str(local)})
     return source_tasks.plan_chunks(source, out, shard_rows)
 
 
@@ -99,7 +103,9 @@ def _collect(futures: Iterable[PrefectFuture], progress: _Progress, label: str) 
 
 
 def _out_of(config, sources, out, overrides, **_) -> str:
-    return load_config(config, sources=sources, out=out, overrides=overrides).out
+    """The folder the lock goes in: the output, or its local working folder for a URL."""
+    cfg = load_config(config, sources=sources, out=out, overrides=overrides)
+    return str(storage.working_folder(cfg.out, cfg.storage.cache_dir))
 
 
 @flow(name="build-dataset", log_prints=True)
@@ -130,6 +136,8 @@ def build_dataset(
         ", ".join(s.name for s in stages),
         ", ".join(skipped) or "none",
     )
+    mirror = storage.open_output(cfg.out, cfg.storage.cache_dir, cfg.storage.credentials_block)
+    work = str(storage.working_folder(cfg.out, cfg.storage.cache_dir))  # what stages write
     counts: dict[str, StageCounts] = {}
     code_hashes = {s.name: registry.stage_code_hash(s.name) for s in stages}
 
@@ -138,11 +146,18 @@ def build_dataset(
             plans = [
                 runner.submit(
                     catalog_source.with_options(task_run_name=f"catalog-{s.label}"),
-                    {"source": s, "out": cfg.out, "shard_rows": cfg.shard_rows},
+                    {
+                        "source": s,
+                        "out": work,
+                        "shard_rows": cfg.shard_rows,
+                        "store": cfg.storage,
+                    },
                 )
                 for s in cfg.sources
             ]
         plans = [p.result() for p in plans]
+        if mirror is not None:
+            mirror.sync_up(WORK_DIR)
         shards: list = [c for chunk_list, _ in plans for c in chunk_list]
         catalogs = [cat for _, cat in plans if cat is not None]
         reject_paths = [c.rejects_path for c in catalogs]
@@ -165,7 +180,7 @@ def build_dataset(
                                     "section": section,
                                     "seed": cfg.seed,
                                     "shard": s,
-                                    "out": cfg.out,
+                                    "out": work,
                                 },
                             )
                             for s in shards
@@ -174,7 +189,7 @@ def build_dataset(
                     shards, reports = [r for r, _ in done], [report for _, report in done]
                 else:
                     context = registry.StageContext(
-                        out_dir=cfg.out,
+                        out_dir=work,
                         fingerprint="",
                         shard_rows=cfg.shard_rows,
                         config=cfg.model_dump(mode="json"),
@@ -203,13 +218,17 @@ def build_dataset(
                     upstream=catalogs if stage.name == "ingest" else (),
                 ).model_copy(update={"engine_loads": engine_loads(reports)})
                 reject_paths += [s.rejects_path for s in shards if s.rejects_path]
+                if mirror is not None:  # what a killed upload left out goes up now
+                    mirror.sync_up(WORK_DIR)
                 check_failure_budget(stage.name, counts[stage.name], shards, cfg.max_failure_rate)
         finally:
             progress.close()
 
-    manifest = Manifest.load(cfg.out)
+    manifest = Manifest.load(work)
     if manifest is None:
-        raise RuntimeError(f"the write stage left no manifest in {cfg.out}")
+        raise RuntimeError(f"the write stage left no manifest in {work}")
+    if mirror is not None:  # the store's copy, verified there, then its `latest`
+        mirror.publish(manifest.version)
     reused = all(s.reused for s in shards) and bool(shards)
     if reused:  # report what this run did (nothing), not the counts of the run that built it
         manifest = manifest.model_copy(update={"stages": counts})

@@ -143,6 +143,17 @@ class RayConfig(StrictModel):
         return value
 
 
+class StorageConfig(StrictModel):
+    """How a build reaches an ``out`` or a source given as a URL (``s3://bucket/x``): stages
+    work in a local copy under ``cache_dir`` (default ``$PEDSYNTH_CACHE_DIR`` or
+    ``~/.cache/pedsynth/stores``) that is kept in step with the store (``pedsynth/storage.py``).
+    Credentials come from the environment (``AWS_*``) or the Prefect block named here, never
+    from this file."""
+
+    cache_dir: str | None = None
+    credentials_block: str | None = None  # e.g. "aws-credentials/datasets"
+
+
 class BuildConfig(StrictModel):
     """A build: its sources, where it goes, how it runs, and one section per stage.
 
@@ -154,7 +165,8 @@ class BuildConfig(StrictModel):
 
     name: str = "pedsynth"
     sources: list[SourceConfig] = Field(default_factory=list)
-    out: str = "out/pedsynth"
+    out: str = "out/pedsynth"  # a local folder or an fsspec URL (s3://, gs://, memory://)
+    storage: StorageConfig = StorageConfig()
     shard_rows: Annotated[int, Field(gt=0)] = 1_000
     runner: Literal["thread", "ray"] = "thread"
     workers: Annotated[int, Field(ge=1, le=256)] = 4

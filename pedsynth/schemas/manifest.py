@@ -27,22 +27,36 @@ LATEST = "latest"  # OUT/latest -> versions/<id> (a relative symlink)
 
 
 def latest_version(out_dir: str | Path) -> str | None:
-    """The id of the version ``OUT/latest`` names, or None when there is no pointer."""
+    """The id of the version ``OUT/latest`` names, or None when there is no pointer (on a
+    store, ``latest`` is a small object holding ``versions/<id>``)."""
+    from pedsynth import storage
+
+    if storage.is_url(out_dir):
+        fs, root = storage.url_fs(str(out_dir))
+        try:
+            return fs.cat_file(f"{root.rstrip('/')}/{LATEST}").decode().strip().rpartition("/")[2]
+        except FileNotFoundError:
+            return None
     link = Path(out_dir) / LATEST
     if not link.is_symlink():
         return None
     return Path(os.readlink(link)).name
 
 
-def resolve_build(out_dir: str | Path) -> Path:
+def resolve_build(out_dir: str | Path) -> Path:  # a str for a URL
     """The folder of the build a reader of ``out_dir`` reads.
 
     ``OUT`` with a ``latest`` pointer: the version it names (``OUT/versions/<id>``), fixed at
     the call, so a reader keeps reading one version while a new one is published. Any other
     folder (a version folder, a build made before versions, an unfinished output): itself.
     """
+    from pedsynth import storage
+
+    version = latest_version(out_dir)
+    if storage.is_url(out_dir):
+        url = str(out_dir).rstrip("/")
+        return url if version is None else f"{url}/{VERSIONS_DIR}/{version}"  # type: ignore[return-value]
     out = Path(out_dir)
-    version = latest_version(out)
     return out if version is None else out / VERSIONS_DIR / version
 
 
@@ -202,7 +216,16 @@ class Manifest(_Record):
     def load(cls, out_dir: str | Path) -> Manifest | None:
         """The manifest of the finished build ``out_dir`` resolves to (:func:`resolve_build`),
         or None when there is none."""
-        path = resolve_build(out_dir) / MANIFEST_FILE
+        from pedsynth import storage
+
+        folder = resolve_build(out_dir)
+        if storage.is_url(folder):
+            fs, root = storage.url_fs(str(folder))
+            try:
+                return cls.model_validate_json(fs.cat_file(f"{root}/{MANIFEST_FILE}"))
+            except FileNotFoundError:
+                return None
+        path = folder / MANIFEST_FILE
         if not path.exists():
             return None
         return cls.model_validate_json(path.read_bytes())

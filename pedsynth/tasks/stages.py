@@ -33,6 +33,7 @@ from pydantic import BaseModel
 
 from pedsynth.codehash import code_hash
 from pedsynth.engines.cache import cache_key, cached
+from pedsynth.storage import push_committed
 from pedsynth.tasks.shards import ShardResult, fingerprint, run_shard
 
 Kind = Literal["shard", "dataset"]
@@ -151,7 +152,7 @@ def run_shard_stage(
     stage = get_stage(name, section, seed)
     fp = stage_fingerprint(name, stage, shard.content_fingerprint())
     retry = getattr(stage, "retry", None)
-    return run_shard(
+    result = run_shard(
         out_dir,
         name,
         shard.key,
@@ -159,6 +160,9 @@ def run_shard_stage(
         lambda: stage(shard.read()),
         retry=(lambda earlier, failed: retry(shard.read(), earlier, failed)) if retry else None,
     )
+    if not result.reused:  # to the store, when the output is one: rejects, then the output
+        push_committed(out_dir, result.rejects_path, result.path)
+    return result
 
 
 def run_dataset_stage(
