@@ -35,6 +35,10 @@ def atomic_path(path: str | Path, *, mode: int = 0o644) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:  # pyarrow's and faiss's name no file
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

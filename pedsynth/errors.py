@@ -56,6 +56,28 @@ EXIT_USER_ERROR = 2
 EXIT_FAILURE_BUDGET = 3
 
 
+class _LogFile(logging.FileHandler):
+    """The log file, which stops with one warning when it cannot be written (a full disk):
+    logging's default would print a traceback for every record, and under Prefect's
+    ``log_prints`` each of those prints is logged again."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if self.broken:
+            return
+        self.broken = True
+        reason = sys.exc_info()[1]
+        sys.__stderr__.write(
+            f"warning: the log file {self.baseFilename} cannot be written ({reason}); "
+            "logging to the terminal only\n"
+        )
+
+
 def start_log_file(out: str | Path, command: str, *, debug: bool = False) -> Path:
     """Send every log record of this process, tracebacks included, to a new log file.
 
@@ -70,7 +92,7 @@ def start_log_file(out: str | Path, command: str, *, debug: bool = False) -> Pat
     except OSError:
         folder = Path(tempfile.gettempdir())
     path = folder / f"{command}-{stamp}.log"
-    handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+    handler = _LogFile(path, encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger().addHandler(handler)

@@ -214,10 +214,100 @@ def build_lock(out: str | Path, *, wait: bool = False) -> Iterator[Path]:
         release(out)
 
 
-def locks_output(out_of: Callable[..., str]) -> Callable[[F], F]:
-    """Decorate a flow function so that it runs holding the lock on the output folder that
+STORE_STALE_S = 600.0  # a store lock whose heartbeat is older than this was left by a dead build
+STORE_HEARTBEAT_S = 60.0
+
+
+class _StoreLock:
+    """One build at a time on an output in an object store, across machines: a lock object
+    ``OUT/.pedsynth.lock`` created only if absent (S3 ``If-None-Match``: the store decides who
+    wins a race), holding the holder's host, pid, flow run and a heartbeat its holder rewrites
+    every minute. A lock whose holder is a dead pid on this host, or whose heartbeat stopped
+    ``STORE_STALE_S`` ago, is recovered with a warning."""
+
+    def __init__(self, url: str, credentials_block: str | None):
+        from pedsynth.storage import url_fs
+
+        self.url = url.rstrip("/")
+        self.fs, root = url_fs(url, credentials_block)
+        self.path = f"{root.rstrip('/')}/{LOCK_FILE}"
+        self.info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "flow_run_id": _flow_run_id(),
+        }
+        self._stop = threading.Event()
+
+    def _record(self) -> bytes:
+        return json.dumps({**self.info, "heartbeat": time.time()}).encode()
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") == socket.gethostname():
+            pid = int(holder.get("pid") or 0)
+            if pid > 0 and not _pid_alive(pid):
+                return True
+        return time.time() - float(holder.get("heartbeat") or 0) > STORE_STALE_S
+
+    def acquire(self, wait: bool, poll_s: float = 5.0) -> None:
+        announced = False
+        while True:
+            try:
+                self.fs.pipe_file(self.path, self._record(), mode="create")
+                break
+            except (FileExistsError, OSError):
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile
+                what = describe_holder(self.url, holder)
+                if self._stale(holder):
+                    log.warning("%s: a lock left by a build that is gone; recovering it", what)
+                    self.fs.rm_file(self.path)
+                    continue
+                if not wait:
+                    raise PreflightError(f"{what}; pass --wait to wait") from None
+                if not announced:
+                    log.warning("%s; waiting for it to finish", what)
+                    announced = True
+                time.sleep(poll_s)
+        threading.Thread(target=self._beat, daemon=True, name="store-lock").start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(STORE_HEARTBEAT_S):
+            self.fs.pipe_file(self.path, self._record())
+
+    def release(self) -> None:
+        self._stop.set()
+        holder = self._holder()
+        if holder and holder.get("pid") == os.getpid() and holder.get("host") == self.info["host"]:
+            self.fs.rm_file(self.path)
+
+
+@contextmanager
+def store_lock(url: str, credentials_block: str | None = None, *, wait: bool = False):
+    """Hold the lock object of an output in a store for the ``with`` block."""
+    lock = _StoreLock(url, credentials_block)
+    lock.acquire(wait)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def locks_output(out_of: Callable[..., Any]) -> Callable[[F], F]:
+    """Decorate a flow function so that it runs holding the lock on the output that
     ``out_of(**its parameters)`` names (a deployment run refuses like the command line does),
-    and so that the lock file names its flow run."""
+    and so that the lock file names its flow run. ``out_of`` returns the local folder, or
+    ``(working folder, store URL, credentials block)`` for an output in a store, whose lock
+    object is then held too."""
 
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)
@@ -226,10 +316,14 @@ def locks_output(out_of: Callable[..., str]) -> Callable[[F], F]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            out = out_of(**bound.arguments)
+            target = out_of(**bound.arguments)
+            out, url, block = target if isinstance(target, tuple) else (target, None, None)
             with build_lock(out):
                 note(out, flow_run_id=_flow_run_id())
-                return fn(*args, **kwargs)
+                if url is None:
+                    return fn(*args, **kwargs)
+                with store_lock(url, block):
+                    return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 

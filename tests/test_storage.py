@@ -134,3 +134,31 @@ def test_credentials_block_fields_become_client_options():
 def test_an_unknown_protocol_is_one_line():
     with pytest.raises(PreflightError, match="nosuchfs://x"):
         storage.url_fs("nosuchfs://x")
+
+
+def test_a_store_lock_refuses_a_second_build_and_recovers_a_dead_ones(memory_fs):
+    import json
+    import socket
+    import time
+
+    from pedsynth.lock import store_lock
+
+    url = "memory://builds/locked"
+    with store_lock(url):
+        held = json.loads(memory_fs.cat_file("/builds/locked/.pedsynth.lock"))
+        assert held["host"] == socket.gethostname() and held["pid"] > 0
+        refused = pytest.raises(PreflightError, match=f"pid {held['pid']} on host {held['host']}")
+        with refused, store_lock(url):
+            pass
+    assert not memory_fs.exists("/builds/locked/.pedsynth.lock")  # released
+
+    gone = {"host": "worker-7", "pid": 4242, "started": "2026-01-01T00:00:00+00:00"}
+    memory_fs.pipe_file(
+        "/builds/locked/.pedsynth.lock", json.dumps({**gone, "heartbeat": 0}).encode()
+    )
+    with store_lock(url):  # its heartbeat stopped long ago: recovered
+        assert json.loads(memory_fs.cat_file("/builds/locked/.pedsynth.lock"))["pid"] != 4242
+    alive = {**gone, "heartbeat": time.time()}
+    memory_fs.pipe_file("/builds/locked/.pedsynth.lock", json.dumps(alive).encode())
+    with pytest.raises(PreflightError, match="worker-7"), store_lock(url):  # still beating
+        pass

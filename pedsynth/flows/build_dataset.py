@@ -102,10 +102,14 @@ def _collect(futures: Iterable[PrefectFuture], progress: _Progress, label: str) 
     return [f.result() for f in futures]
 
 
-def _out_of(config, sources, out, overrides, **_) -> str:
-    """The folder the lock goes in: the output, or its local working folder for a URL."""
+def _out_of(config, sources, out, overrides, **_) -> str | tuple[str, str, str | None]:
+    """What the lock covers: the output folder; for a URL, its local working folder and the
+    store's lock object."""
     cfg = load_config(config, sources=sources, out=out, overrides=overrides)
-    return str(storage.working_folder(cfg.out, cfg.storage.cache_dir))
+    work = str(storage.working_folder(cfg.out, cfg.storage.cache_dir))
+    if not storage.is_url(cfg.out):
+        return work
+    return work, cfg.out, cfg.storage.credentials_block
 
 
 @flow(name="build-dataset", log_prints=True)
