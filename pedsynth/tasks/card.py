@@ -161,6 +161,7 @@ def write_dataset_card(out_dir: str | Path, manifest: Mapping[str, Any]) -> Path
         _intro(name, manifest, totals, out),
         md.sources_section(config),
         md.splits_section(stats, lines, totals, mismatches),
+        md.changes_section(manifest.get("changes")),
         md.stages_section(stages, rejects, origin),
         md.captions_section(stats),
         *(_plot_links() if plots else []),

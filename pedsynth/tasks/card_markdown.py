@@ -218,6 +218,38 @@ def splits_section(
     return "\n".join(parts)
 
 
+def changes_section(changes: Mapping[str, Any] | None) -> str:
+    """What this version changed since the one ``latest`` named before it (the manifest's
+    ``changes``): pairs by split, and which stages computed again."""
+    if not changes:
+        return ""
+    previous = changes.get("previous")
+    if previous is None:
+        return "## What changed\n\nThe first version of this output.\n"
+    split_rows = [
+        [hf_split(split), *(fmt(c.get(k, 0)) for k in ("added", "removed", "kept", "changed"))]
+        for split, c in (changes.get("splits") or {}).items()
+    ]
+    stage_rows = [
+        [name, fmt(c.get("reused", 0)), fmt(c.get("recomputed", 0))]
+        for name, c in (changes.get("stages") or {}).items()
+    ]
+    parts = [
+        "## What changed\n",
+        f"Since version {code(previous)}; pairs matched by `pair_id` (*changed*: kept, "
+        "with another caption).\n",
+        table(["split", "added", "removed", "kept", "changed"], split_rows, "lrrrr"),
+        "",
+    ]
+    if stage_rows:
+        parts += [
+            "Shards per stage, reused from the shared work cache or computed again:\n",
+            table(["stage", "reused", "recomputed"], stage_rows, "lrr"),
+            "",
+        ]
+    return "\n".join(parts)
+
+
 def _stage_row(name: str, counts: object) -> list[str]:
     c: Mapping[str, Any] = counts if isinstance(counts, Mapping) else {}
     return [
