@@ -14,13 +14,17 @@ one RGB array per request, in order. What it guarantees for every method:
   different batch size may move a few pixels by one level, from float summation order).
 
 Methods (``DiffusionConfig.method``): ``inpaint`` (``StableDiffusionInpaintPipeline``, text
-guided, the mask given to the model) and ``instruct-pix2pix``
+guided, the mask given to the model), ``paint-by-example`` (``PaintByExamplePipeline``, guided
+by a reference garment image) and ``instruct-pix2pix``
 (``StableDiffusionInstructPix2PixPipeline``, an instruction, the mask used for compositing).
 ``model`` is a hub id, a local folder, or ``tiny-random:sd-inpaint`` /
-``tiny-random:instruct-pix2pix``: random-weight pipelines built in code (2-block UNet, tiny
-VAE and CLIP text encoder, the tiny tokenizer of :mod:`pedsynth.engines.tiny_models`) that run
-in about 0.1 s per step on a CPU, for tests and offline configs. :func:`get_diffusion` keeps
-one engine per config in each worker through the shared model cache.
+``tiny-random:paint-by-example`` / ``tiny-random:instruct-pix2pix``: random-weight pipelines
+built in code (2-block UNet, tiny VAE and CLIP text encoder, the tiny tokenizer and vision
+tower of :mod:`pedsynth.engines.tiny_models`) that run in about 0.1 s per step on a CPU, for
+tests and offline configs. The first one built in a process pays the first import of diffusers
+and transformers (10-15 s on a small CPU); the build itself takes under a second.
+:func:`get_diffusion` keeps one engine per config in each worker through the shared model
+cache.
 """
 
 from __future__ import annotations
@@ -65,7 +69,11 @@ def _tiny_pipeline(name: str) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pedsynth.engines.tiny_models import build_tokenizer
+    from pedsynth.engines.tiny_models import (
+        build_tokenizer,
+        tiny_image_processor,
+        tiny_vision_config,
+    )
 
     if name not in TINY_PIPELINES:
         raise ValueError(f"unknown tiny pipeline {TINY_PREFIX}{name}; known: {TINY_PIPELINES}")
@@ -112,17 +120,8 @@ def _tiny_pipeline(name: str) -> Any:
             from diffusers.pipelines.deprecated.paint_by_example import (
                 PaintByExampleImageEncoder,
             )
-            from transformers import CLIPVisionConfig
 
-            vision = CLIPVisionConfig(
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=32,
-                patch_size=4,
-                projection_dim=32,
-            )
+            vision = tiny_vision_config(projection_dim=32)
             image_encoder = PaintByExampleImageEncoder(vision, proj_size=32)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -134,7 +133,6 @@ def _tiny_pipeline(name: str) -> Any:
     )
     if image_encoder is not None:
         from diffusers.pipelines.deprecated.paint_by_example import PaintByExamplePipeline
-        from transformers import CLIPImageProcessor
 
         return PaintByExamplePipeline(
             vae=vae,
@@ -142,9 +140,7 @@ def _tiny_pipeline(name: str) -> Any:
             unet=unet,
             scheduler=scheduler,
             safety_checker=None,
-            feature_extractor=CLIPImageProcessor(
-                size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-            ),
+            feature_extractor=tiny_image_processor(),
             requires_safety_checker=False,
         )
     cls = (

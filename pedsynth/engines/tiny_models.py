@@ -185,24 +185,38 @@ def _save_llama(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _save_llava(folder: Path) -> None:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def tiny_vision_config(**extra):
+    """The 2-layer CLIP vision tower of the tiny models (32-pixel input, 8-pixel patches):
+    LLaVA's, and the tiny Paint-by-Example's image encoder."""
+    from transformers import CLIPVisionConfig
 
-    tokenizer = build_tokenizer()
-    vision = CLIPVisionConfig(
+    return CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         image_size=32,
         patch_size=8,
+        **extra,
     )
+
+
+def tiny_image_processor():
+    """The CLIP image processor of :func:`tiny_vision_config` (32x32 input)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def _save_llava(folder: Path) -> None:
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    vision = tiny_vision_config()
     config = LlavaConfig(
         vision_config=vision,
         text_config=_text_config(tokenizer),
@@ -213,9 +227,7 @@ def _save_llava(folder: Path) -> None:
     model = LlavaForConditionalGeneration(config)
     model.generation_config = _generation_config(tokenizer)
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        ),
+        image_processor=tiny_image_processor(),
         tokenizer=tokenizer,
         patch_size=8,
         vision_feature_select_strategy="default",

@@ -16,9 +16,10 @@ from pydantic import Field, model_validator
 
 from pedsynth.schemas.base import StrictModel
 from pedsynth.schemas.text import EmbedderConfig, EngineConfig
+from pedsynth.schemas.vision import ClipModelConfig
 
 DiffusionMethod = Literal["inpaint", "paint-by-example", "instruct-pix2pix"]
-MaskBackend = Literal["procedural", "box"]
+MaskBackend = Literal["procedural", "segformer", "box"]
 
 
 class DiffusionConfig(StrictModel):
@@ -56,13 +57,24 @@ class DiffusionConfig(StrictModel):
 class MaskConfig(StrictModel):
     """``procedural``: the benchmark's exact label maps (``labels/`` beside ``imgs/``), with the
     proportional body box for images that have none (``fallback: box``) or a reject
-    (``fallback: none``); ``box``: the proportional body box only."""
+    (``fallback: none``); ``segformer``: a human-parsing SegFormer (``model``: a hub id or a
+    local folder, e.g. ``mattmdjaga/segformer_b2_clothes``); ``box``: the proportional body box
+    only."""
 
     backend: MaskBackend = "procedural"
     root: str | None = None  # the procedural benchmark folder (holds labels.json and labels/)
     fallback: Literal["box", "none"] = "box"
+    model: str | None = None  # segformer: the clothes-parsing checkpoint
+    revision: str | None = None
+    device: str = "auto"
     dilate_px: int = Field(2, ge=0, le=32)  # grown this much before editing and compositing
     min_pixels: int = Field(12, ge=1)  # a smaller mask is empty: the region is not visible
+
+    @model_validator(mode="after")
+    def _segformer_needs_model(self) -> MaskConfig:
+        if self.backend == "segformer" and self.model is None:
+            raise ValueError("masks.backend = 'segformer' needs masks.model")
+        return self
 
 
 class ReannotateConfig(StrictModel):
@@ -107,6 +119,11 @@ class EditConfig(StrictModel):
     diffusion: DiffusionConfig = DiffusionConfig()
     masks: MaskConfig = MaskConfig()
     reannotate: ReannotateConfig = ReannotateConfig()
+    # The CLIP check of the re-annotation (the score stage's engine config): a new caption must
+    # score higher with the edited image than with the original by more than ``clip_margin``,
+    # else it is regenerated and finally rejected (clip_prefers_original). None: no check.
+    clip: ClipModelConfig | None = None
+    clip_margin: float = Field(0.0, ge=0, le=2)
     # The reference bank of ``paint-by-example`` (a folder with references.json, as
     # ``pedsynth sample-data`` writes under BENCH/references).
     references: str | None = None

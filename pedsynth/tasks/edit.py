@@ -18,14 +18,17 @@ reject reason, the rest of the shard goes on):
    rejected ``not_in_caption``;
 6. the edit itself: every kept edit of the shard through the diffusion engine in batches
    (:mod:`pedsynth.engines.diffusion`), composited outside the dilated mask from the original,
-   JPEG-encoded once.
+   JPEG-encoded once;
+7. with ``clip`` configured, the CLIP check (``clip_prefers_original``): the re-annotated
+   caption must score higher with the edited image than with the original, as one more check
+   of the regenerate loop; the kept row's ``clip_score`` is its score with the edited image.
 
-Re-annotation runs before the diffusion model, so no GPU time goes to an edit whose caption
-fails. Rows: ``caption_source=edit``, ``parent_id`` = the parent caption's pair_id, a new
-``image_id``, the parent's ``person_id`` (``identity: keep``) or a new one per (person, edit)
-(``identity: new``, the default), the ``edit`` struct (parent image, attribute, target, the
-replaced value, method, strength, mask backend, diffusion model and seed), ``generator`` = the
-re-annotator. The parent rows pass through unchanged.
+Re-annotation runs before the diffusion model, so no GPU time goes to an edit whose caption fails,
+except with the CLIP check, which needs the edited image. Rows: ``caption_source=edit``,
+``parent_id`` = the parent caption's pair_id, a new ``image_id``, the parent's ``person_id``
+(``identity: keep``) or a new one per (person, edit) (``identity: new``, the default), the ``edit``
+struct (parent image, attribute, target, the replaced value, method, strength, mask backend,
+diffusion model and seed), ``generator`` = the re-annotator. The parent rows pass through unchanged.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from pedsynth.schemas.edit import EditConfig
 from pedsynth.schemas.tables import PAIRS_SCHEMA, pairs_table, reject_row, rejects_table, stable_id
 from pedsynth.tasks.edit_annotate import (
     SubstituteGenerator,
+    clip_check,
     describe_edit,
     substitute,
     target_check,
@@ -155,13 +159,18 @@ class EditStage:
     def fingerprint_parts(self) -> dict[str, Any]:
         cfg = self.config
         llm = cfg.reannotate.method == "llm"
-        return {
+        parts = {
             "config": shaping_dump(cfg),
             "model": cfg.diffusion.model_id,
             "reannotator": cfg.reannotate.engine.generator_id if llm else "substitute",
             "prompt": self.prompt.hash if llm else None,
             "seed": self.seed,
         }
+        if cfg.clip is not None:  # the CLIP check's weights (a local file by its content)
+            from pedsynth.engines.clip import weights_identity
+
+            parts["clip"] = weights_identity(cfg.clip)
+        return parts
 
     # ------------------------------------------------------------------ planning
     def _plan(self, table: pa.Table) -> tuple[list[_Edit], list[dict[str, Any]]]:
@@ -207,7 +216,7 @@ class EditStage:
                 if problem is None:
                     image = parents[0]["image"]
                     h, w = pixels.shape[:2]
-                    mask = region_mask(cfg.masks, spec.region, image.get("path"), h, w)
+                    mask = region_mask(cfg.masks, spec.region, image.get("path"), h, w, pixels)
                     if mask.problem is not None:
                         problem = (mask.problem, mask.detail)
                     else:
@@ -297,6 +306,17 @@ class EditStage:
         # The filter judges each draft against the caption the edit should yield, so the edited
         # fact is expected to change and every other fact must agree.
         checks = [target_check, faithfulness_check(embedder, cfg.reannotate.alpha, True)]
+        images: dict[str, tuple[bytes, int, int]] = {}
+        clip_scores: dict[tuple[str, str], tuple[float, float]] = {}
+        if cfg.clip is not None:
+            from pedsynth.engines.clip import load_clip
+
+            # The CLIP check needs the edited image, so every edit with a caption to judge is
+            # made first; without it, only edits whose caption passed reach the model.
+            self._edit_into(images, list({j.edit.new_image_id: j.edit for j in jobs}.values()))
+            checks.append(
+                clip_check(load_clip(cfg.clip), _images_of(images), cfg.clip_margin, clip_scores)
+            )
         done = regenerate(
             slots,
             generator,
@@ -307,20 +327,26 @@ class EditStage:
             describe=_describe,
         )
         rejects += done.rejects
-        kept_by_edit: dict[tuple[str, int], list[Any]] = {}
+        kept_by_edit: dict[str, list[Any]] = {}
         for kept in done.kept:
-            edit = kept.draft.payload.edit
-            kept_by_edit.setdefault((edit.image_id, edit.k), []).append(kept)
-        to_edit = [e for e in edits if (e.image_id, e.k) in kept_by_edit]
-        images = self._edit_images(to_edit)
+            kept_by_edit.setdefault(kept.draft.payload.edit.new_image_id, []).append(kept)
+        to_edit = [e for e in edits if e.new_image_id in kept_by_edit]
+        self._edit_into(images, [e for e in to_edit if e.new_image_id not in images])
         new_rows = []
-        for edit, jpeg in zip(to_edit, images, strict=True):
-            for kept in kept_by_edit[(edit.image_id, edit.k)]:
-                new_rows.append(self._row(kept, jpeg, generator.generator_id))
+        for edit in to_edit:
+            for kept in kept_by_edit[edit.new_image_id]:
+                score = clip_scores.get((edit.new_image_id, kept.text), (None,))[0]
+                row = self._row(kept, images[edit.new_image_id], generator.generator_id)
+                new_rows.append(row | {"clip_score": score})
         output = pa.concat_tables([table, pairs_table(new_rows)])
         usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
         requests = len(slots) if cfg.reannotate.method == "llm" else 0
         return with_requests(output, requests, **usage), rejects_table(rejects)
+
+    def _edit_into(self, images: dict[str, tuple[bytes, int, int]], edits: list[_Edit]) -> None:
+        """Make ``edits`` (in batches) and store each JPEG under its new image id."""
+        for edit, jpeg in zip(edits, self._edit_images(edits), strict=True):
+            images[edit.new_image_id] = jpeg
 
     def _edit_images(self, edits: list[_Edit]) -> list[tuple[bytes, int, int]]:
         if not edits:
@@ -386,6 +412,16 @@ class EditStage:
                 "seed": edit.seed,
             },
         }
+
+
+def _images_of(images: dict[str, tuple[bytes, int, int]]):
+    """The CLIP check's view of a draft: (edit key, edited JPEG, the parent's image bytes)."""
+
+    def images_of(draft: Draft[_Job]) -> tuple[str, bytes, bytes]:
+        edit = draft.payload.edit
+        return edit.new_image_id, images[edit.new_image_id][0], edit.parents[0]["image"]["bytes"]
+
+    return images_of
 
 
 def _describe(draft: Draft[_Job]) -> tuple[dict[str, Any], str]:

@@ -11,19 +11,23 @@ Checks of a draft (the regenerate loop's :data:`Check` s):
 ``missing_target`` (the draft does not name the new value for the edited fact),
 ``keeps_original`` (it still names the replaced value), then the project's faithfulness filter
 (:func:`pedsynth.tasks.faithfulness.faithfulness_check`) against the edited parent caption:
-``contradicts:<fact>`` / ``adds:<fact>``, or ``unfaithful`` when an embedding ``alpha`` is set.
+``contradicts:<fact>`` / ``adds:<fact>``, or ``unfaithful`` when an embedding ``alpha`` is set;
+with a CLIP configured, :func:`clip_check`: ``clip_prefers_original`` (the draft does not score
+higher with the edited image than with the original).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from pedsynth.engines.text import ChatRequest, GenerationResult, failure
 from pedsynth.lexicon import _Reader, extract_facts, lexicon
 from pedsynth.tasks.edit_bank import EditSpec, bank
-from pedsynth.tasks.regenerate import Draft, Rejected
+from pedsynth.tasks.regenerate import BatchCheck, Draft, Rejected, Verdict
 
 SUBSTITUTE_ID = "substitute:lexicon@1"
 _ARTICLE = re.compile(r"(?<![A-Za-z])(an|a)$", re.IGNORECASE)
@@ -108,6 +112,49 @@ def target_check(draft: Draft[Any], text: str) -> str | Rejected:
     if stale:
         return Rejected("keeps_original", f"the caption still names {spec.fact} {stale[0]}")
     return text
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+def clip_check(
+    engine: Any,
+    images_of: Callable[[Draft[Any]], tuple[str, bytes, bytes]],
+    margin: float,
+    scores: dict[tuple[str, str], tuple[float, float]],
+) -> BatchCheck:
+    """The draft must score higher (cosine of pooled CLIP embeddings) with the edited image than
+    with the original by more than ``margin``, or the edit did not make the caption truer.
+
+    ``images_of(draft)`` gives (edit key, edited image bytes, original image bytes); each
+    image is encoded once per key. Every judged (key, text) gets its (edited, original) scores
+    in ``scores``, so the stage can record the kept caption's score."""
+    embedded: dict[str, np.ndarray] = {}
+
+    def check(drafts: Sequence[Draft[Any]], texts: Sequence[str]) -> list[Verdict]:
+        keys = []
+        for draft in drafts:
+            key, edited, original = images_of(draft)
+            keys.append(key)
+            if key not in embedded:
+                embedded[key] = _unit(engine.encode_images([edited, original]).pooled)
+        text_vectors = _unit(engine.encode_texts(list(texts)).pooled)
+        verdicts: list[Verdict] = []
+        for key, text, vector in zip(keys, texts, text_vectors, strict=True):
+            with_edit, with_original = (float(s) for s in embedded[key] @ vector)
+            scores[(key, text)] = (with_edit, with_original)
+            if with_edit - with_original > margin:
+                verdicts.append(text)
+                continue
+            detail = (
+                f"clip score with the edited image {with_edit:.6f}, with the original "
+                f"{with_original:.6f} (margin {margin})"
+            )
+            verdicts.append(Rejected("clip_prefers_original", detail))
+        return verdicts
+
+    return BatchCheck(check)
 
 
 class SubstituteGenerator:

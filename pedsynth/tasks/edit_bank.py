@@ -31,6 +31,7 @@ class Region:
     colours: tuple[str, ...]
     types: tuple[tuple[str, ...], ...]  # groups of one silhouette
     noun: str | None = None
+    parsing: tuple[str, ...] = ()  # the human-parsing model's labels of the region
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Bank:
                 colours=tuple(spec["colours"]),
                 types=tuple(tuple(g) for g in spec.get("types") or ()),
                 noun=spec.get("noun"),
+                parsing=tuple(spec.get("parsing") or ()),
             )
             unknown = [c for c in region.colours if c not in lex.colour_senses]
             types = lex.types.get(name, {})

@@ -1,12 +1,13 @@
-"""Region masks of the edit stage, by config: the procedural benchmark's exact label maps, or
-a proportional body box.
+"""Region masks of the edit stage, by config: the procedural benchmark's exact label maps, a
+human-parsing SegFormer (:mod:`pedsynth.tasks.edit_parsing`), or a proportional body box.
 
 ``procedural`` reads ``labels/<image path>.png`` of the benchmark folder ``masks.root`` (written
 by ``pedsynth sample-data``, values in its ``labels.json``); an image without a label map of its
 size takes the ``box`` fallback, or is rejected (``no_mask``) when the fallback is ``none``.
-``box`` is the region's share of the crop from the attribute bank. A mask smaller than
-``min_pixels`` is empty: the region is not visible (``empty_mask``). The mask is grown by
-``dilate_px`` before the edit, and the name of the backend used is recorded per row.
+``segformer`` parses the decoded crop; a region the checkpoint's layout has no label for is
+``region_missing``. ``box`` is the region's share of the crop from the attribute bank. A mask
+smaller than ``min_pixels`` is empty: the region is not visible (``empty_mask``). The mask is
+grown by ``dilate_px`` before the edit, and the name of the backend used is recorded per row.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pedsynth.tasks.edit_bank import bank
 @dataclass(frozen=True)
 class Mask:
     pixels: np.ndarray | None  # (H, W) bool, dilated; None when there is none
-    backend: str  # procedural | box
+    backend: str  # procedural | segformer | box
     exact: np.ndarray | None = None  # before dilation
     problem: str | None = None  # a reject reason when there is no usable mask
     detail: str = ""
@@ -79,9 +80,27 @@ def _procedural(config: MaskConfig, region: str, path: str | None, shape) -> np.
     return labels == legend[bank().regions[region].label]
 
 
-def region_mask(config: MaskConfig, region: str, path: str | None, height: int, width: int) -> Mask:
-    """The mask of ``region`` in the image stored at ``path`` (the row's ``image.path``)."""
+def region_mask(
+    config: MaskConfig,
+    region: str,
+    path: str | None,
+    height: int,
+    width: int,
+    pixels: np.ndarray | None = None,
+) -> Mask:
+    """The mask of ``region`` in the image stored at ``path`` (the row's ``image.path``);
+    ``pixels`` (the decoded crop) are what ``segformer`` parses."""
     exact, backend = None, config.backend
+    if config.backend == "segformer":
+        from pedsynth.tasks.edit_parsing import get_parser
+
+        if pixels is None:
+            raise ValueError("the segformer mask backend needs the decoded image")
+        parser = get_parser(config)
+        if not parser.labels[region]:
+            detail = f"the parsing model {parser.model_id} has no label for the {region}"
+            return Mask(None, backend, problem="region_missing", detail=detail)
+        exact = parser.regions(pixels, key=(path, id(pixels)))[region]
     if config.backend == "procedural":
         exact = _procedural(config, region, path, (height, width))
         if exact is None:
