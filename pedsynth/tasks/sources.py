@@ -2,9 +2,10 @@
 
 A source's catalogue (one row per image record, no pixels) is fingerprinted by its content, so
 an edited annotation file is noticed and an unchanged one is reused. Chunks cut the catalogue
-into pieces of about ``shard_rows`` pairs; each chunk's fingerprint also covers the size,
-mtime, inode and ctime of its image files (:func:`_stat`), so a replaced image is noticed
-without hashing every byte.
+into pieces of about ``shard_rows`` pairs; each chunk's fingerprint covers its own catalogue
+rows (so records appended to an annotation file are ingested alone) and the size, mtime, inode
+and ctime of its image files (:func:`_stat`), so a replaced image is noticed without hashing
+every byte.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ class Chunk:
     def content_fingerprint(self) -> str:
         if self.kind == "shard":
             return self.input_fp
-        files = [_stat(p) for p in self._catalog_rows.column("image_path").to_pylist()]
-        return fingerprint(input=self.input_fp, start=self.start, stop=self.stop, files=files)
+        # The slice's own rows, not the whole catalogue's fingerprint: records appended to the
+        # annotation file leave the earlier chunks' fingerprints, and their work, as they were.
+        rows = self._catalog_rows
+        files = [_stat(p) for p in rows.column("image_path").to_pylist()]
+        return fingerprint(rows=_table_fingerprint(rows), files=files, code=code_version(__name__))
 
 
 def prepare_source(source: SourceConfig) -> SourceConfig:
