@@ -30,7 +30,15 @@ from tests.test_resume import _build_cmd, _env, _read_sorted
 pytestmark = pytest.mark.slow
 
 SEED = 10
-PHASES = {"first": ["ingest", "shards", "publish"], "over": ["shards", "publish"]}
+# Kills per phase, in the order a build reaches them: each one lands where the killed runs
+# before it left work (a rerun reuses what they committed; a killed write leaves an unfinished
+# version folder, and the rerun starts a new one). The default run has one kill of each kind;
+# CI's `pytest -m fault` run has 20.
+TARGETED = {"first": ["ingest", "shards", "publish"], "over": ["shards", "publish"]}
+TWENTY = {
+    "first": ["ingest"] * 8 + ["shards"] * 3 + ["publish"],
+    "over": ["shards"] * 7 + ["publish"],
+}
 CHANGED = ["--set", "write.card_examples=1"]  # a new write fingerprint, the same rows
 
 
@@ -97,8 +105,15 @@ def _pairs(folder: Path) -> pa.Table:
     return table.take(pc.sort_indices(table, [("pair_id", "ascending")]))
 
 
+@pytest.mark.parametrize(
+    "phases",
+    [
+        pytest.param(TARGETED, id="one-of-each"),
+        pytest.param(TWENTY, id="twenty", marks=pytest.mark.fault),
+    ],
+)
 def test_kills_at_random_points_then_reruns_equal_an_uninterrupted_build(
-    prefect_server, procedural_small, tmp_path
+    prefect_server, procedural_small, tmp_path, phases
 ):
     env = _env(prefect_server)
     reference = tmp_path / "reference"  # uninterrupted; the changed setting keeps its rows
@@ -110,11 +125,13 @@ def test_kills_at_random_points_then_reruns_equal_an_uninterrupted_build(
     rng = random.Random(SEED)
     out = tmp_path / "out"
     hits: list[str] = []
-    for phase, triggers in PHASES.items():
+    for phase, triggers in phases.items():
         cmd = _build_cmd(procedural_small, out) + (CHANGED if phase == "over" else [])
         published = latest_version(out)
+        n_ingest = triggers.count("ingest")
+        ingest_at = iter(sorted(rng.sample(range(2, total - 1), n_ingest)))  # after each other
         for trigger in triggers:
-            at = rng.randint(2, total - 2) if trigger == "ingest" else rng.uniform(0, 0.05)
+            at = next(ingest_at) if trigger == "ingest" else rng.uniform(0, 0.05)
             hits.append(_kill_at(cmd, env, out, (trigger, at)))
             _check_latest(out)  # before the rerun: latest is absent or sound
             assert latest_version(out) == published  # it moves only when a version verifies
@@ -123,7 +140,7 @@ def test_kills_at_random_points_then_reruns_equal_an_uninterrupted_build(
         assert latest_version(out) != published
         assert _pairs(resolve_build(out)).equals(expected)
         assert _read_sorted(resolve_build(out) / "rejects").equals(expected_rejects)
-    assert hits == [t for triggers in PHASES.values() for t in triggers]  # every kill landed
+    assert hits == [t for triggers in phases.values() for t in triggers]  # every kill landed
 
     final = resolve_build(out)
     pair_ids = _pairs(final).column("pair_id").to_pylist()
