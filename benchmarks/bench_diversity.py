@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from report import write_section  # benchmarks/report.py
+from report import machine_line, write_section  # benchmarks/report.py
 
 STATIC_FORM = (
     "A [person/woman/man] with [hair description] is wearing [clothing description] and "
@@ -154,10 +152,7 @@ def render(results: dict, info: dict, args, command: str) -> str:
         "*Self-BLEU*: mean BLEU-4 of each of 500 sampled captions against the others; "
         "definitions in `pedsynth/diversity.py`\n"
     )
-    machine = (
-        f"\nMachine: {platform.machine()}, python {platform.python_version()}; "
-        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\nCommand: `{command}`\n"
-    )
+    machine = f"\n{machine_line(())}\n\nCommand: `{command}`\n"
     return head + body + notes + machine
 
 

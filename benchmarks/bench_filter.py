@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from report import write_section  # benchmarks/report.py
+from report import machine_line, write_section  # benchmarks/report.py
 
 from pedsynth.procedural.rewrites import KINDS, Writer, corrupt, mentioned
 
@@ -160,10 +158,8 @@ def render(lines: list[dict], rows: list[Row], args, seconds: float, command: st
         "(backpack <-> handbag) or colour, or add a bag to a person without one\n"
         f"- {len(rows)} rows judged in {seconds:.1f} s (MiniLM on CPU, the lexicon included)\n"
     )
-    machine = (
-        f"\nMachine: {platform.machine()}, python {platform.python_version()}; "
-        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\nCommand: `{command}`\n"
-    )
+    machine = machine_line(("torch", "sentence_transformers"))
+    machine = f"\n{machine}\n\nCommand: `{command}`\n"
     return head + body + notes + machine
 
 

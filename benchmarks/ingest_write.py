@@ -18,8 +18,16 @@ are recorded too, as the shared machines these run on are noisy. The first flow 
 Prefect's ephemeral server (about 14 s); a tiny warm-up build absorbs it and is reported apart.
 The script exits 1 when the two outputs do not hold the same (path, caption) pairs.
 
+A third contender, ``cli``, runs ``pedsynth build`` as a subprocess, as a user types it: its
+own Prefect server starts and stops inside the timing (the database was migrated by the
+warm-up), and the peak RSS of its whole process tree (CLI + server) is sampled with psutil.
+:func:`run` returns the section, the issue-14 goal figures (CLI / baseline at 20k and 100k
+pairs, per-pair cost and peak RSS from the smallest to the largest size) and whether the
+outputs matched, for ``benchmarks/run_all.py``.
+
 Run ``python benchmarks/ingest_write.py --quick`` for a smoke run, and
-``python benchmarks/ingest_write.py --pairs 10000 100000 --write`` to update BENCHMARKS.md.
+``python benchmarks/ingest_write.py --pairs 10000 20000 100000 --write`` to update
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import platform
 import resource
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,11 +57,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
-from report import BENCHMARKS_MD, write_section  # benchmarks/report.py
+from report import BENCHMARKS_MD, Figure, write_section  # benchmarks/report.py
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "offline-tiny.yaml"
@@ -244,6 +254,8 @@ def setup_prefect(home: Path) -> None:
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ.pop("PREFECT_API_URL", None)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # a fresh database migrates at the first start; on a loaded machine that passes 20 s
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @dataclass
@@ -334,16 +346,93 @@ class Run:
     server_cpu: float = 0.0
     spans: Spans | None = None
     manifest: dict[str, Any] | None = None
+    peak_rss_mb: float = 0.0  # the largest sum of RSS over the process tree while it ran
 
 
 STAGES_OFF = ["caption=", "rewrite=", "faithfulness=", "score=", "memory="]
+
+
+class TreeRss:
+    """Peak resident memory of a process and all its descendants, sampled every 20 ms.
+
+    RSS is summed over the tree (the CLI, its Prefect server, any worker), so the peak is what
+    the whole build held at once; shared pages count once per process, as ``ps`` shows them.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            try:
+                tree = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                return
+            for proc in tree:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 1e6
+
+
+def _children_rusage_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cli_command(source: Path, out: Path) -> list[str]:
+    """``pedsynth build`` as a user types it (the console script of this interpreter)."""
+    script = Path(sys.executable).with_name("pedsynth")
+    head = [str(script)] if script.exists() else [sys.executable, "-c", _CLI_MAIN]
+    sets = [x for o in [f"shard_rows={SHARD_ROWS}", f"workers={WORKERS}", *STAGES_OFF]
+            for x in ("--set", o)]  # fmt: skip
+    return [*head, "build", "--config", str(CONFIG), "--source", f"{LABEL}:{source}",
+            "--out", str(out), *sets]  # fmt: skip
+
+
+_CLI_MAIN = "import sys; from pedsynth.cli import main; sys.exit(main())"
+
+
+def run_cli(source: Path, out: Path) -> Run:
+    """One ``pedsynth build`` subprocess: its own Prefect server (as the CLI starts it, on the
+    already migrated database of the warm-up), its CPU (server included: the CLI waits for
+    it, so its usage reaches ours) and the peak RSS of its process tree."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    c0, t0 = _children_rusage_cpu(), time.perf_counter()
+    proc = subprocess.Popen(
+        cli_command(source, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    with TreeRss(proc.pid) as rss:
+        output, _ = proc.communicate()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"pedsynth build exited {proc.returncode}:\n{output.decode()[-3000:]}")
+    manifest = json.loads((out / "latest" / "manifest.json").read_text())
+    return Run(seconds, _children_rusage_cpu() - c0, manifest=manifest, peak_rss_mb=rss.peak_mb)
 
 
 def run_pedsynth(source: Path, out: Path) -> Run:
     """One ``build_dataset`` flow run, with its CPU time and the breakdown spans."""
     from pedsynth.flows.build_dataset import build_dataset
 
-    with timed_pedsynth() as spans:
+    with timed_pedsynth() as spans, TreeRss(os.getpid()) as rss:
         c0, k0, t0 = _process_cpu(), _children_cpu(), time.perf_counter()
         manifest = build_dataset(
             config=str(CONFIG),
@@ -355,7 +444,7 @@ def run_pedsynth(source: Path, out: Path) -> Run:
         seconds = time.perf_counter() - t0
         server = _children_cpu() - k0
         cpu = _process_cpu() - c0 + server
-    return Run(seconds, cpu, server, spans, manifest)
+    return Run(seconds, cpu, server, spans, manifest, rss.peak_mb)
 
 
 def time_baseline(source: Path, out: Path) -> tuple[Run, int]:
@@ -409,17 +498,18 @@ def same_pairs(pedsynth_data: Path, baseline_data: Path) -> tuple[bool, str]:
 
 @dataclass
 class Result:
-    """Both contenders at one size: the fastest run of each counts."""
+    """The contenders at one size: the fastest run of each counts."""
 
     pairs: int
     images: int
-    pedsynth: list[Run]
+    pedsynth: list[Run]  # the flow called in this process
     baseline: list[Run]
     pedsynth_mb: float
     baseline_mb: float
     work_mb: float
     orders: list[str]
     check: str
+    cli: list[Run] = field(default_factory=list)  # `pedsynth build` subprocesses
 
     @property
     def ped(self) -> Run:
@@ -428,6 +518,10 @@ class Result:
     @property
     def base(self) -> Run:
         return min(self.baseline, key=lambda r: r.seconds)
+
+    @property
+    def best_cli(self) -> Run | None:
+        return min(self.cli, key=lambda r: r.seconds) if self.cli else None
 
 
 def machine_info() -> dict[str, str]:
@@ -482,6 +576,7 @@ def render(results: list[Result], info: dict[str, str], command: str, notes: lis
             f"| {base.cpu:.1f} | **{ped.seconds / base.seconds:.2f}×** "
             f"| {ped.cpu / base.cpu:.2f}× | {r.pedsynth_mb:.1f} / {r.baseline_mb:.1f} |"
         )
+    lines += ["", *render_cli(results)]
     lines += [
         "",
         "Where the pedsynth run spends its time (wall seconds of each phase; *CPU* columns are "
@@ -522,6 +617,65 @@ def render(results: list[Result], info: dict[str, str], command: str, notes: lis
     return "\n".join(lines) + "\n"
 
 
+def render_cli(results: list[Result]) -> list[str]:
+    """The table of ``pedsynth build`` as a user runs it, against the same baseline runs."""
+    rows = [r for r in results if r.best_cli is not None]
+    if not rows:
+        return []
+    lines = [
+        "Through the CLI: `pedsynth build` as a subprocess (its own Prefect server started and "
+        "stopped, on a database migrated by the warm-up; lock, log file, summary), so start-up "
+        "is included. µs/pair = wall time / pairs; peak RSS = the largest sum of RSS over the "
+        "whole process tree (CLI + Prefect server), sampled every 20 ms; *flow call* is the same "
+        "build called in this benchmark's process.",
+        "",
+        "| pairs | CLI s | µs/pair | CPU s | peak RSS MB | flow call s | flow peak RSS MB "
+        "| baseline s | µs/pair | ratio (CLI / baseline) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cli, base, ped = r.best_cli, r.base, r.ped
+        assert cli is not None
+        lines.append(
+            f"| {r.pairs:,} | {cli.seconds:.1f} | {1e6 * cli.seconds / r.pairs:,.0f} "
+            f"| {cli.cpu:.1f} | {max(c.peak_rss_mb for c in r.cli):,.0f} | {ped.seconds:.1f} "
+            f"| {max(x.peak_rss_mb for x in r.pedsynth):,.0f} | {base.seconds:.1f} "
+            f"| {1e6 * base.seconds / r.pairs:,.0f} | **{cli.seconds / base.seconds:.2f}×** |"
+        )
+    return lines
+
+
+GOALS = {20_000: 1.5, 100_000: 1.10}  # issue 14: CLI time / baseline time at these sizes
+
+
+def figures(results: list[Result]) -> list[Figure]:
+    """The goals of issue 14 that the measured sizes allow, for benchmarks/run_all.py."""
+    out: list[Figure] = []
+    cli = [r for r in results if r.best_cli is not None]
+    for r in cli:
+        if r.pairs in GOALS:
+            out.append(
+                Figure("ingest_write", f"`pedsynth build` (CLI) at {r.pairs:,} pairs",
+                       r.best_cli.seconds / r.base.seconds, GOALS[r.pairs], False,
+                       "json → Pillow decode → pyarrow loop, same files, same run")
+            )  # fmt: skip
+    if len(cli) >= 2:
+        small, large = min(cli, key=lambda r: r.pairs), max(cli, key=lambda r: r.pairs)
+        per_pair = [r.best_cli.seconds / r.pairs for r in (small, large)]
+        out.append(
+            Figure("ingest_write", f"CLI per-pair cost, {small.pairs:,} vs {large.pairs:,} pairs",
+                   max(per_pair) / min(per_pair), 1.10, False,
+                   "the same build at the smaller size (time linear in pairs)")
+        )  # fmt: skip
+        rss = [max(c.peak_rss_mb for c in r.cli) for r in (small, large)]
+        out.append(
+            Figure("ingest_write", f"CLI peak RSS (process tree), {large.pairs:,} / "
+                   f"{small.pairs:,} pairs", rss[1] / rss[0], 1.20, False,
+                   "the same build at the smaller size (memory flat)")
+        )  # fmt: skip
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # main
 
@@ -546,6 +700,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="runs per contender and size, order alternating, the fastest counts "
         "(default 3; 1 with --quick)",
     )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["pedsynth", "cli"],
+        default=["pedsynth", "cli"],
+        help="pedsynth contenders beside the baseline: the flow called in this process "
+        "(pedsynth) and `pedsynth build` as a subprocess (cli)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the output folders")
     p.add_argument("--write", action="store_true", help="update this section of BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -567,25 +729,34 @@ def warm_up(pool: Path, cache: Path, runs: Path) -> str:
     import_s = time.perf_counter() - t0
     first = run_pedsynth(src, runs / "warmup").seconds
     again = run_pedsynth(src, runs / "warmup-again").seconds
+    cli = run_cli(src, runs / "warmup-cli")
     return (
         f"not counted: importing the flow (and Prefect) {import_s:.1f} s; a first build of "
         f"{pairs} pairs, which starts the ephemeral Prefect server and migrates its fresh "
         f"database, {first:.1f} s; the same build again {again:.1f} s (so the one-off server "
-        f"start costs ≈ {first - again:.1f} s)"
+        f"start costs ≈ {first - again:.1f} s); the same {pairs} pairs through the CLI "
+        f"{cli.seconds:.1f} s, {cli.peak_rss_mb:,.0f} MB peak RSS (what every CLI build pays "
+        "before its first pair: imports, its own Prefect server's start and stop)"
     )
 
 
-def measure(pool: Path, cache: Path, runs: Path, pairs: int, repeats: int) -> tuple[Result, bool]:
-    """Both contenders at one size, ``repeats`` times each in alternating order."""
+CONTENDERS = ("baseline", "pedsynth", "cli")
+
+
+def measure(
+    pool: Path, cache: Path, runs: Path, pairs: int, repeats: int, modes: list[str]
+) -> tuple[Result, bool]:
+    """The contenders at one size, ``repeats`` times each, the order rotating each round."""
     src, n_pairs, n_images = build_source(pool, cache, pairs)
     cached = warm_page_cache(src)
     print(f"\n== {n_pairs:,} pairs, {n_images:,} images ({cached / 1e6:.0f} MB read into the "
           f"page cache; load {_load()}) ==", flush=True)  # fmt: skip
     ok = True
-    done: dict[str, list[Run]] = {"baseline": [], "pedsynth": []}
+    done: dict[str, list[Run]] = {who: [] for who in CONTENDERS}
     orders = []
+    chosen = [who for who in CONTENDERS if who == "baseline" or who in modes]
     for rep in range(repeats):
-        order = ["baseline", "pedsynth"] if rep % 2 == 0 else ["pedsynth", "baseline"]
+        order = chosen[rep % len(chosen) :] + chosen[: rep % len(chosen)]
         orders.append(" → ".join(order))
         for who in order:
             out = runs / f"{who}-{n_pairs}-{rep}"
@@ -595,35 +766,47 @@ def measure(pool: Path, cache: Path, runs: Path, pairs: int, repeats: int) -> tu
                     print(f"baseline wrote {rows} rows, expected {n_pairs}")
                     ok = False
             else:
-                run = run_pedsynth(src, out)
+                run = run_pedsynth(src, out) if who == "pedsynth" else run_cli(src, out)
                 got = (run.manifest or {}).get("totals", {}).get("pairs")
                 if got != n_pairs:
-                    print(f"pedsynth's manifest says {got} pairs, expected {n_pairs}")
+                    print(f"{who}: the manifest says {got} pairs, expected {n_pairs}")
                     ok = False
             os.sync()  # untimed: flush this contender's writes before the next one runs
             done[who].append(run)
-            print(f"{who}: {run.seconds:.2f} s ({n_pairs / run.seconds:,.0f} pairs/s), "
-                  f"CPU {run.cpu:.1f} s", flush=True)  # fmt: skip
-    ped_out, base_out = runs / f"pedsynth-{n_pairs}-0", runs / f"baseline-{n_pairs}-0"
-    match, check = same_pairs(ped_out / "data", base_out / "data")
-    print(check, flush=True)
+            rate = f"{n_pairs / run.seconds:,.0f} pairs/s"
+            rss = f", peak RSS {run.peak_rss_mb:,.0f} MB" if run.peak_rss_mb else ""
+            print(f"{who}: {run.seconds:.2f} s ({rate}), CPU {run.cpu:.1f} s{rss}", flush=True)
+    base_out = runs / f"baseline-{n_pairs}-0"
+    checks = []
+    for who in chosen[1:]:
+        match, check = same_pairs(
+            runs / f"{who}-{n_pairs}-0" / "latest" / "data", base_out / "data"
+        )
+        ok &= match
+        checks.append(f"{who}: {check}")
+    print("; ".join(checks), flush=True)
+    ped_out = runs / f"{chosen[1]}-{n_pairs}-0"
     result = Result(
         pairs=n_pairs,
         images=n_images,
-        pedsynth=done["pedsynth"],
+        pedsynth=done["pedsynth"] or done["cli"],
         baseline=done["baseline"],
-        pedsynth_mb=dir_mb(ped_out / "data"),
+        pedsynth_mb=dir_mb(ped_out / "latest" / "data"),
         baseline_mb=dir_mb(base_out / "data"),
         work_mb=dir_mb(ped_out / "_work"),
         orders=orders,
-        check=check,
+        check="; ".join(checks),
+        cli=done["cli"],
     )
-    return result, ok and match
+    return result, ok
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> tuple[str, list[Figure]]:
+    """Measure every size; returns the section body and the goal figures
+    (``benchmarks/run_all.py`` calls this). Raises ``RuntimeError`` when an output misses rows
+    or differs from the baseline's (after printing the section)."""
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/ingest_write.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/ingest_write.py", *(argv or [])])
     cache: Path = args.cache
     cache.mkdir(parents=True, exist_ok=True)
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=cache))
@@ -635,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     ok = True
     for pairs in args.pairs:
-        result, good = measure(pool, cache, runs, pairs, args.repeats)
+        result, good = measure(pool, cache, runs, pairs, args.repeats, args.modes)
         results.append(result)
         ok &= good
         if not args.keep:
@@ -647,20 +830,32 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.pool_images_per_identity} JPEG images (2 captions each), hard-linked under "
         "distinct names as often as needed (splits stay identity-disjoint); every file read once "
         "before timing; `os.sync()`, untimed, after each run; pedsynth fsyncs every file it "
-        f"writes (and writes each row twice: `_work/` shard, then final shard), the baseline "
+        "writes (and writes each row twice: `_work/` shard, then final shard), the baseline "
         f"writes once and does not fsync; load average (1/5/15 min) {load_before} at the start, "
         f"{_load()} at the end"
     )
     body = render(results, machine_info(), command, notes)
-    print("\n" + body)
     if args.write:
         write_section("ingest_write", body)
         print(f"updated {BENCHMARKS_MD}")
     if not args.keep:
         shutil.rmtree(runs, ignore_errors=True)
     if not ok:
-        print("FAILED: the outputs differ or miss rows", file=sys.stderr)
+        print("\n" + body)
+        raise RuntimeError("ingest_write: the outputs differ or miss rows (see above)")
+    return body, figures(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        body, found = run(sys.argv[1:] if argv is None else argv)
+    except RuntimeError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
         return 1
+    print("\n" + body)
+    for f in found:
+        met = "met" if f.met else "NOT met"
+        print(f"{f.figure}: {f.measured_text} (goal {f.goal_text}: {met})")
     return 0
 
 
