@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu import bf16_peak_tflops, clip_image_flops  # benchmarks/gpu.py
 from PIL import Image
 from report import Figure, machine_line, write_section  # benchmarks/report.py
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
-BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 
 
 @dataclass
@@ -84,12 +84,8 @@ def procedural_shard(images: int, cache: Path):
 
 
 def flops_per_image(model: torch.nn.Module, engine) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, 3, engine.height, engine.width, device=engine.device, dtype=engine.dtype)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.encode_image(x)
-    return float(counter.get_total_flops())
+    """FLOPs of one image through the image tower, attention included (benchmarks/gpu.py)."""
+    return clip_image_flops(model, engine.height, engine.width)
 
 
 def _sync(device: torch.device) -> None:
@@ -189,11 +185,8 @@ def bench_model(name: str, args: argparse.Namespace, cache: Path) -> list[Row]:
 def peak_tflops(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
         return "cpu", None
-    gpu = torch.cuda.get_device_name(device)
-    for key, peak in BF16_PEAK_TFLOPS.items():
-        if key in gpu:
-            return gpu, peak
-    return gpu, None
+    name = torch.cuda.get_device_name(device)
+    return name, bf16_peak_tflops(name)
 
 
 def render(rows: list[Row], args: argparse.Namespace, device: str, peak: float | None) -> str:
@@ -226,7 +219,8 @@ def render(rows: list[Row], args: argparse.Namespace, device: str, peak: float |
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     lines += [
         "",
-        f"- FLOPs: `torch.utils.flop_counter` over one `encode_image` (image tower only), so "
+        "- FLOPs: `torch.utils.flop_counter` over one `encode_image` (image tower only, "
+        "attention included: `benchmarks/gpu.py`), so "
         f"the score stage's TFLOP/s counts image work only; load average during the run {load}",
         f"- command: `python benchmarks/score.py {' '.join(sys.argv[1:])}`",
         "",

@@ -17,6 +17,7 @@ PREFECT = [sys.executable, "-m", "prefect"]
 
 
 @pytest.mark.slow
+@pytest.mark.deployment  # ~2.5 min: CI runs it on its own (pytest -m deployment)
 def test_local_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
