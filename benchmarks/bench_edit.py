@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from anywhere, pedsynth installed or not
     sys.path.insert(0, str(REPO))
 
-from report import Figure, machine_line, markdown_table, write_section  # noqa: E402
+from report import Figure, machine_line, markdown_table, print_run, write_section  # noqa: E402
 
 GOAL = 0.9
 TINY_MODELS = {
@@ -329,11 +329,5 @@ def run(argv: list[str] | None = None) -> tuple[str, list[Figure]]:
     return body, figures
 
 
-def main(argv: list[str] | None = None) -> int:
-    body, _ = run(argv)
-    print(body)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(print_run(run))

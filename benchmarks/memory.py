@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import Figure, machine_line, markdown_table, write_section  # benchmarks/report.py
+from report import (  # benchmarks/report.py
+    Figure,
+    machine_line,
+    markdown_table,
+    print_run,
+    write_section,
+)
 
 SECTION = "memory"
 GOAL = 0.9
@@ -198,11 +204,5 @@ def run(argv: list[str] | None = None) -> tuple[str, list[Figure]]:
     return body, figures
 
 
-def main(argv: list[str] | None = None) -> int:
-    body, _ = run(argv)
-    print(body)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(print_run(run))

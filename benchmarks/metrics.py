@@ -22,7 +22,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from report import Figure, machine_line, markdown_table, write_section  # benchmarks/report.py
+from report import (  # benchmarks/report.py
+    Figure,
+    machine_line,
+    markdown_table,
+    print_run,
+    write_section,
+)
 
 from pedsynth.train.metrics import METRIC_NAMES, rank_metrics
 
@@ -143,11 +149,5 @@ def run(argv: list[str] | None = None) -> tuple[str, list[Figure]]:
     return body, figures
 
 
-def main(argv: list[str] | None = None) -> int:
-    body, _ = run(argv)
-    print(body)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(print_run(run))

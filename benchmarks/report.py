@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -164,3 +164,10 @@ def summary_table(figures: Sequence[Figure]) -> str:
         ),  # fmt: skip
         "llrrll",
     )
+
+
+def print_run(run: Callable[[list[str] | None], tuple[str, list[Figure]]]) -> int:
+    """A benchmark's command line: run it on ``sys.argv`` and print its section."""
+    body, _ = run(None)
+    print(body)
+    return 0

@@ -62,7 +62,7 @@ BENCHES = (
     Bench("memory", "memory", ("--images", "400", "--repeats", "2"), ("--quick",)),
     Bench("train", "train", ("throughput", "--identities", "200"), ("throughput", "--quick")),
     Bench("metrics", "metrics", ("--repeats", "5"), ("--quick",)),
-    Bench("bench_edit", "bench_edit", ("--edits", "8", "--repeats", "2"), ("--smoke",)),
+    Bench("bench_edit", "bench_edit", ("--edits", "24", "--repeats", "3"), ("--smoke",)),
     Bench("bench_filter", "bench_filter", ("--identities", "120"), ("--identities", "20")),
     Bench("bench_diversity", "bench_diversity", ("--identities", "400", "--n", "100"),
           ("--identities", "40", "--n", "20")),

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from gpu import bf16_peak_tflops, clip_image_flops  # benchmarks/gpu.py
 from PIL import Image
-from report import Figure, machine_line, write_section  # benchmarks/report.py
+from report import Figure, machine_line, print_run, write_section  # benchmarks/report.py
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
@@ -277,11 +277,5 @@ def run(argv: list[str] | None = None) -> tuple[str, list[Figure]]:
     return body, figures
 
 
-def main(argv: list[str] | None = None) -> int:
-    body, _ = run(argv)
-    print(body)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(print_run(run))
