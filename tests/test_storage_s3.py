@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.s3_server import SECRET_KEY, seaweed, weed_binary
-from tests.test_resume import _env, _read_sorted
+from tests.test_resume import _build_cmd, _env, _read_sorted
 
 pytestmark = [
     pytest.mark.s3,
@@ -55,23 +55,6 @@ def _fs():
     return s3fs.S3FileSystem(skip_instance_cache=True)  # reads AWS_* like the build does
 
 
-def _cmd(source: str, out: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pedsynth.cli",
-        "build",
-        "--source",
-        f"cuhk-pedes:{source}",
-        "--out",
-        out,
-        "--set",
-        "shard_rows=8",
-        "--set",
-        "workers=1",
-    ]
-
-
 def _sorted(table: pa.Table) -> pa.Table:
     table = table.combine_chunks()
     return table.take(pc.sort_indices(table, [("pair_id", "ascending")]))
@@ -98,14 +81,14 @@ def test_build_from_and_into_s3_killed_then_resumed(
 
     reference = tmp_path / "reference"  # the same build, local and uninterrupted
     done = subprocess.run(
-        _cmd(str(procedural_small), str(reference)), env=env, capture_output=True, text=True
+        _build_cmd(str(procedural_small), str(reference)), env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     expected = _sorted(_read_sorted(resolve_build(reference) / "data"))
 
     # Killed once part-way through ingest, as soon as the store holds a few work shards.
     work = f"{BUCKET}/builds/nightly/_work/ingest"
-    proc = subprocess.Popen(_cmd(source, out), env=env, start_new_session=True)
+    proc = subprocess.Popen(_build_cmd(source, out), env=env, start_new_session=True)
     started = time.monotonic()
     try:
         while proc.poll() is None and time.monotonic() - started < 240:
@@ -125,7 +108,7 @@ def test_build_from_and_into_s3_killed_then_resumed(
         assert output.removesuffix(".parquet") + ".rejects.parquet" in stored
     assert latest_version(out) is None  # nothing published yet
 
-    done = subprocess.run(_cmd(source, out), env=env, capture_output=True, text=True)
+    done = subprocess.run(_build_cmd(source, out), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = Manifest.load(out)
     assert resumed is not None and resumed.stages["ingest"].reused >= len(outputs) > 0
