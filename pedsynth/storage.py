@@ -30,7 +30,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,6 @@ class Mirror:
     url: str
     local: Path
     credentials_block: str | None = None
-    _listing: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
     def _fs_root(self) -> tuple[Any, str]:
@@ -255,11 +254,8 @@ class Mirror:
                 f"{self.url}: version {version} does not verify in the store: {lines}"
             )
         self.fs.pipe_file(self.remote(LATEST), f"{VERSIONS_DIR}/{version}\n".encode())
-        local_versions = (
-            {p.name for p in (self.local / VERSIONS_DIR).iterdir() if p.is_dir()}
-            if (self.local / VERSIONS_DIR).is_dir()
-            else set()
-        )
+        versions_here = self.local / VERSIONS_DIR
+        local_versions = {p.name for p in versions_here.iterdir() if p.is_dir()}
         stored = {rel.split("/")[1] for rel in self.remote_files(VERSIONS_DIR) if "/" in rel}
         for old in sorted(stored - local_versions - {version}):
             self.fs.rm(self.remote(f"{VERSIONS_DIR}/{old}"), recursive=True)
